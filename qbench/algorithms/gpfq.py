@@ -1,0 +1,58 @@
+"""GPFQ (Lybrand & Saab 2021; Zhang & Saab 2023): greedy path following. Each q_t cancels the running
+error between the float path (X, W) and the quantized path (X̃, Q); nothing is refit (design.md §4):
+
+    q_t = Q((Σ_{j≤t} w_j G[j,t] − Σ_{j<t} q_j H[j,t]) / H[t,t]),   H = X̃X̃ᵀ/m, G = XX̃ᵀ/m.
+
+All M rows at once: A = W·triu(G) is formed once, and the correction Σ_{j<t} q_j H[j,t] is
+subtracted from A lazily, block by block, so nearly all of the O(MN²) work is in blocked matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import _linalg
+
+BLOCK = 128  # lazy-batch width; any value gives the same Q up to rounding
+
+
+def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Optional[dict] = None,
+             act_order: bool = False) -> Tensor:
+    """GPFQ: Q on the grid, chosen greedily against the float target XᵀWᵀ; act_order sorts by diag(H)."""
+    dtype = W.dtype
+    W, H, G = _linalg.working_copies(W, H, G)
+    if G is None:
+        raise ValueError("GPFQ needs G = XX̃ᵀ/m")
+    M, N = W.shape
+
+    # dead inputs (X̃_t = 0): X̃_t carries nothing, so H[t,t] = 1 and G[:,t] = 0 give q_t = Q(0);
+    # w_t is kept, since its float signal X_t still enters later targets through G[t, >t]
+    dead = _linalg.dead_mask(H)
+    H = _linalg.isolate_dead(H, dead)
+    G[:, dead] = 0
+
+    perm = _linalg.act_order_perm(H, act_order)
+    W = W[:, perm]
+    H = _linalg.permute_sym(H, perm)
+    G = _linalg.permute_sym(G, perm)
+    cols = perm.tolist()
+
+    A = W @ torch.triu(G)  # A[:, t] = Σ_{j≤t} w_j G[j,t]
+    d = torch.diagonal(H).clone()
+    Q = torch.empty_like(W)
+    for i1 in range(0, N, BLOCK):
+        i2 = min(i1 + BLOCK, N)
+        A1 = A[:, i1:i2]  # a view; holds A − Σ_{j<t} q_j H[j,t] once column t is reached
+        H1 = H[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            t = i1 + i
+            q = quantizer(A1[:, i] / d[t], cols[t]).to(W.dtype)
+            Q[:, t] = q
+            A1[:, i + 1:] -= q[:, None] * H1[i, i + 1:][None, :]  # correction inside the block
+        A[:, i2:] -= Q[:, i1:i2] @ H[i1:i2, i2:]  # and for all later columns, once per block
+
+    _linalg.write_info(info, 0.0, 0, int(dead.sum()))
+    return Q[:, _linalg.inverse_perm(perm)].to(dtype)

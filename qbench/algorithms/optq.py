@@ -1,0 +1,80 @@
+"""OPTQ (GPTQ; Frantar et al. 2023): quantize one input column at a time and refit the remaining
+columns by least squares on X̃, i.e. on H = X̃X̃ᵀ/m (design.md §4).
+
+Step t:  q_t = Q(v_t);  v_{>t} += (v_t − q_t)·(H_{>t,>t} + λI)⁻¹ H_{>t,t}.
+With U upper triangular, UᵀU = (H + λI)⁻¹, that update is −(v_t − q_t)/U[t,t] · U[t,>t]; updates are
+applied lazily, block_size columns at a time, as in IST-DASLab's gptq.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _linalg
+
+log = logging.getLogger(__name__)
+
+
+def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> Tensor:
+    """Lazy-batch OPTQ over the columns of W (solve order) with factor U; cols are original indices.
+
+    W is updated in place (pass a working copy); returns Q of W's shape.
+    """
+    M, N = W.shape
+    Q = torch.empty_like(W)
+    for i1 in range(0, N, block_size):
+        i2 = min(i1 + block_size, N)
+        W1 = W[:, i1:i2]  # a view: in-block updates land in W
+        U1 = U[i1:i2, i1:i2]
+        E1 = torch.empty_like(W1)  # scaled errors (v_t − q_t)/U[t,t] of this block
+        for i in range(i2 - i1):
+            w = W1[:, i].clone()
+            q = quantizer(w, cols[i1 + i]).to(W.dtype)
+            Q[:, i1 + i] = q
+            e = (w - q) / U1[i, i]
+            W1[:, i + 1:] -= e[:, None] * U1[i, i + 1:][None, :]  # v_{>t} update inside the block
+            E1[:, i] = e
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the same update for all later columns, once per block
+    return Q
+
+
+def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, info: Optional[dict] = None,
+             percdamp: float = 0.01, act_order: bool = False, block_size: Optional[int] = None) -> Tensor:
+    """OPTQ: Q on the grid minimising ‖X̃ᵀ(W − Q)ᵀ‖ column by column; G is ignored.
+
+    λ = percdamp·mean(diag H) (raised ×10 if the Cholesky fails); act_order sorts by descending diag(H).
+    """
+    percdamp = _linalg.check_nonnegative("percdamp", percdamp)
+    dtype = W.dtype
+    W, H, _ = _linalg.working_copies(W, H)
+    M, N = W.shape
+    B = _linalg.default_block_size(N, block_size)
+
+    dead = _linalg.dead_mask(H)
+    H = _linalg.isolate_dead(H, dead)  # dead inputs: H[i,i] = 1 ...
+    W[:, dead] = 0  # ... and w_i = 0, as GPTQ does
+
+    perm = _linalg.act_order_perm(H, act_order)
+    W = W[:, perm]
+    H = _linalg.permute_sym(H, perm)
+
+    damp = percdamp * float(torch.diagonal(H).mean()) if N else 0.0
+    cols, retries = perm.tolist(), 0
+    while True:
+        U, damp, r = _linalg.upper_inverse_cholesky(H, damp)
+        retries += r
+        V = W.clone()  # the sweep leaves v_t, as quantized, in column t
+        Q = sweep(V, U, quantizer, cols, B)
+        if _linalg.all_finite(V, Q):
+            break
+        # never emit NaN/Inf: an overflowing sweep is redone with more damping
+        damp = _linalg.next_damping(H, damp, retries, "OPTQ sweep")
+        retries += 1
+        log.warning("OPTQ sweep overflowed; retrying at λ = %.3e", damp)
+
+    _linalg.write_info(info, damp, retries, int(dead.sum()))
+    return Q[:, _linalg.inverse_perm(perm)].to(dtype)

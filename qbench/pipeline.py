@@ -1,0 +1,220 @@
+"""Calibration and write-back: the only module that knows about decoder blocks, hooks and devices.
+
+One decoder block at a time is moved to the device; the rest of the model stays on the host. Inside a
+block the Linears are solved in execution order (q/k/v share one input, then o_proj, gate/up, down_proj)
+and every later sub-layer sees the already-quantized earlier ones. Two calibration streams:
+
+- `quantized` (Brevitas, the paper's tables): every block is fed X̃, the output of the already
+  quantized blocks; X is the input the *float* version of the current block produces from that X̃.
+- `dual`: the float model's own activations are carried from block to block beside X̃, so
+  G = XX̃ᵀ/m measures the error of everything quantized so far ("correcting the past" in full).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from qbench.algorithms import REGISTRY, Solver
+from qbench.models import decoder_blocks, linear_groups
+from qbench.quantizers import GridSpec, build_grid
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the wanted input has been captured."""
+
+
+@dataclass
+class LayerReport:
+    """Telemetry of one quantized Linear."""
+
+    block: int
+    name: str
+    out_features: int
+    in_features: int
+    weight_rel_error: float  # ‖W − Q‖_F / ‖W‖_F
+    output_rel_error: Optional[float]  # ‖X̃ᵀ(W − Q)ᵀ‖_F / ‖X̃ᵀWᵀ‖_F on the calibration tokens
+    damping: float
+    cholesky_retries: int
+    dead_inputs: int
+    solve_s: float
+
+
+@dataclass
+class Budget:
+    """FLOPs spent, by kind, for the speed report (design.md §7)."""
+
+    statistics: float = 0.0  # accumulating H and G
+    tokens: int = 0
+
+
+def solver_options(cfg_algorithm) -> dict:
+    """The solver's keyword options: the algorithm config minus its name."""
+    return {k: v for k, v in dict(cfg_algorithm).items() if k != "name"}
+
+
+def _capture_input(block: nn.Module, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+    """Run `block` on `hidden` just far enough to see the input of `layer`; return it as [tokens, n]."""
+    seen: list[Tensor] = []
+
+    def hook(_module, args):
+        seen.append(args[0])
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        block(hidden, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1])
+
+
+def _block_output(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int,
+                         device: torch.device) -> tuple[list[Tensor], list[dict]]:
+    """Inputs (hidden states and keyword arguments) of the first decoder block, per calibration batch."""
+    body = model.model
+    first = decoder_blocks(model)[0]
+    hosts = [m for m in (body.embed_tokens, getattr(body, "rotary_emb", None)) if m is not None]
+    for m in hosts:
+        m.to(device)
+    hidden, kwargs = [], []
+
+    def hook(_module, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for b in range(0, input_ids.shape[0], batch_size):
+            try:
+                body(input_ids=input_ids[b:b + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        if device.type != "cpu":
+            for m in hosts:
+                m.to("cpu")
+    return hidden, kwargs
+
+
+def _solve_linear(layer: nn.Linear, H: Optional[Tensor], G: Optional[Tensor], solver: Solver,
+                  spec: GridSpec, options: dict, block: int, name: str) -> LayerReport:
+    """Quantize one Linear's weight in place and report how well it went."""
+    W = layer.weight.data.to(torch.float32)
+    grid = build_grid(W, spec)
+    info: dict = {}
+    start = time.perf_counter()
+    Q = solver.quantize(W, H, G, grid, info=info, **options)
+    solve_s = time.perf_counter() - start
+    if not torch.isfinite(Q).all():
+        raise FloatingPointError(f"block {block} {name}: the {solver.module} solver produced NaN/Inf")
+    D = W - Q
+    output_rel_error = None
+    if H is not None:
+        # ‖X̃ᵀDᵀ‖² = tr(D H Dᵀ)·m: the output error of this layer on the calibration tokens
+        num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0).sqrt()
+        den = torch.einsum("ij,jk,ik->", W, H, W).clamp(min=1e-30).sqrt()
+        output_rel_error = float(num / den)
+    layer.weight.data.copy_(Q.to(layer.weight.dtype))
+    return LayerReport(
+        block=block, name=name, out_features=W.shape[0], in_features=W.shape[1],
+        weight_rel_error=float(D.norm() / W.norm().clamp(min=1e-30)), output_rel_error=output_rel_error,
+        damping=float(info.get("damping", 0.0)), cholesky_retries=int(info.get("cholesky_retries", 0)),
+        dead_inputs=int(info.get("dead_inputs", 0)), solve_s=solve_s)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids: Optional[Tensor],
+                   stream: str = "quantized", batch_size: int = 4, device: str | torch.device = "cpu",
+                   progress: bool = True) -> tuple[list[LayerReport], Budget]:
+    """Replace every Linear weight inside the decoder blocks by its quantized value, block by block."""
+    device = torch.device(device)
+    solver = REGISTRY[algorithm.name]
+    options = solver_options(algorithm)
+    blocks = decoder_blocks(model)
+    reports: list[LayerReport] = []
+    budget = Budget()
+    if not solver.needs_H:  # data-free: no forward passes at all
+        for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name}", disable=not progress)):
+            block.to(device)
+            for group in linear_groups(block):
+                for name, layer in group:
+                    reports.append(_solve_linear(layer, None, None, solver, spec, options, i, name))
+            block.to("cpu")
+        return reports, budget
+    if calibration_ids is None:
+        raise ValueError(f"algorithm {algorithm.name} needs calibration data")
+    x_q, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
+    carry_float = solver.needs_G and stream == "dual"
+    x_f = [x.clone() for x in x_q] if carry_float else None
+    for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} blocks", disable=not progress)):
+        block.to(device)
+        float_block = copy.deepcopy(block) if solver.needs_G else None
+        float_layers = dict(float_block.named_modules()) if float_block is not None else {}
+        for group in linear_groups(block):
+            first_name, first = group[0]
+            n = first.in_features
+            H = torch.zeros(n, n, dtype=torch.float32, device=device)
+            G = torch.zeros(n, n, dtype=torch.float32, device=device) if solver.needs_G else None
+            m = 0
+            for b in range(len(x_q)):
+                Xq = _capture_input(block, first, x_q[b], kwargs[b]).float()  # X̃ᵀ: [tokens, n]
+                H.addmm_(Xq.T, Xq)
+                if G is not None:
+                    source = x_f[b] if carry_float else x_q[b]
+                    Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b]).float()
+                    G.addmm_(Xf.T, Xq)  # G[i, j] = <X_i, X̃_j>
+                m += Xq.shape[0]
+            budget.statistics += 2.0 * n * n * m * (2 if G is not None else 1)
+            H /= m
+            if G is not None:
+                G /= m
+            for name, layer in group:
+                reports.append(_solve_linear(layer, H, G, solver, spec, options, i, name))
+        budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
+        x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
+        if carry_float:
+            x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
+        del float_block, float_layers
+        block.to("cpu")
+    return reports, budget
+
+
+def reports_as_rows(reports: list[LayerReport]) -> list[dict]:
+    return [asdict(r) for r in reports]
+
+
+def summarize(reports: list[LayerReport]) -> dict:
+    """Aggregates of the telemetry for the results row."""
+    if not reports:
+        return {}
+    errors = [r.output_rel_error for r in reports if r.output_rel_error is not None]
+    return {
+        "layers_quantized": len(reports),
+        "mean_weight_rel_error": sum(r.weight_rel_error for r in reports) / len(reports),
+        "mean_output_rel_error": (sum(errors) / len(errors)) if errors else math.nan,
+        "max_damping": max(r.damping for r in reports),
+        "cholesky_retries": sum(r.cholesky_retries for r in reports),
+        "dead_inputs": sum(r.dead_inputs for r in reports),
+        "solve_time_s": sum(r.solve_s for r in reports),
+    }

@@ -1,0 +1,61 @@
+"""The `qbench` command: bad input fails fast in one line and writes nothing; a tiny run records rows."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+QBENCH = str(Path(sys.executable).parent / "qbench")
+TINY = ["model=tiny-llama", "data.seqlen=64", "data.nsamples=4", "eval.seqlen=128", "eval.max_tokens=1024",
+        "tracking.wandb_mode=disabled"]
+
+
+def qbench(*args, cwd):
+    start = time.perf_counter()
+    proc = subprocess.run([QBENCH, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    return proc, time.perf_counter() - start
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["model.path=/nonexistent"], "model.path='/nonexistent' does not exist"),
+    (["quant.w_bits=0"], "quant.w_bits=0 is not supported"),
+    (["algorithm=nope"], "algorithm=nope is not a preset; choose one of: gpfq, optq, qronos, rtn"),
+    (["quant=w5bits"], "quant=w5bits is not a preset"),
+    (["quant.w_group_size=-3"], "quant.w_group_size=-3"),
+    (["model=llama3.2-1b"], "not in the local Hugging Face cache"),
+])
+def test_bad_input_fails_fast_in_one_line_and_writes_nothing(tmp_path, args, expected):
+    proc, seconds = qbench(*args, "tracking.dir=out", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert seconds < 5, f"took {seconds:.1f} s"
+    assert list(tmp_path.iterdir()) == []  # no results dir, no outputs/, no logs
+
+
+def test_tiny_run_records_float_and_quantized_rows_then_skips(tmp_path):
+    proc, _ = qbench(*TINY, "quant=w3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json")]
+    assert sorted(r["algorithm"] for r in rows) == ["float", "rtn"]
+    rtn = next(r for r in rows if r["algorithm"] == "rtn")
+    assert rtn["w_bits"] == 3 and rtn["status"] == "ok" and rtn["layers_quantized"] == 14
+    assert rtn["ppl/enwiki-excerpt/gptq"] > 1 and rtn["ppl/enwiki-excerpt/brevitas"] > 1
+    assert rtn["config"]["quant"]["w_bits"] == 3 and len(rtn["telemetry"]) == 14
+    assert (tmp_path / "results" / "results.parquet").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    again, _ = qbench(*TINY, "quant=w3", cwd=tmp_path)
+    assert again.returncode == 0 and "skipped" in again.stdout + again.stderr
+    assert len(list((tmp_path / "results" / "rows").glob("*.json"))) == 2
+
+
+def test_multirun_sweep_writes_one_row_per_config(tmp_path):
+    proc, _ = qbench("-m", *TINY, "quant=w3,w4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json")]
+    assert sorted((r["algorithm"], r["w_bits"]) for r in rows) == [("float", 16.0), ("rtn", 3.0), ("rtn", 4.0)]
