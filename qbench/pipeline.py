@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from qbench.algorithms import REGISTRY, Solver
 from qbench.models import decoder_blocks, linear_groups
-from qbench.quantizers import GridSpec, build_grid
+from qbench.quantizers import Grid, GridSpec, build_grid
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class LayerReport:
     damping: float
     cholesky_retries: int
     dead_inputs: int
-    solve_s: float
+    solve_s: float  # the shared solve of a q/k/v or gate/up group is split by rows
 
 
 @dataclass
@@ -117,30 +117,44 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int,
     return hidden, kwargs
 
 
-def _solve_linear(layer: nn.Linear, H: Optional[Tensor], G: Optional[Tensor], solver: Solver,
-                  spec: GridSpec, options: dict, block: int, name: str) -> LayerReport:
-    """Quantize one Linear's weight in place and report how well it went."""
-    W = layer.weight.data.to(torch.float32)
-    grid = build_grid(W, spec)
+def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Optional[Tensor], solver: Solver,
+                 spec: GridSpec, options: dict, block: int) -> list[LayerReport]:
+    """Quantize the Linears that share one input (q/k/v, gate/up) in place, as one solve.
+
+    Every solver treats the rows of W independently given H and G, and act-order and damping depend on
+    H alone, so stacking the layers' rows is exact and turns several column sweeps into one.
+    """
+    Ws = [layer.weight.data.to(torch.float32) for _, layer in group]
+    grids = [build_grid(W, spec) for W in Ws]  # scales fixed per layer from its own float weights
+    W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+    grid = grids[0] if len(grids) == 1 else Grid(
+        scale=torch.cat([g.scale for g in grids]), zero=torch.cat([g.zero for g in grids]),
+        qmin=grids[0].qmin, qmax=grids[0].qmax, group_size=grids[0].group_size)
     info: dict = {}
     start = time.perf_counter()
     Q = solver.quantize(W, H, G, grid, info=info, **options)
     solve_s = time.perf_counter() - start
     if not torch.isfinite(Q).all():
-        raise FloatingPointError(f"block {block} {name}: the {solver.module} solver produced NaN/Inf")
-    D = W - Q
-    output_rel_error = None
-    if H is not None:
-        # ‖X̃ᵀDᵀ‖² = tr(D H Dᵀ)·m: the output error of this layer on the calibration tokens
-        num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0).sqrt()
-        den = torch.einsum("ij,jk,ik->", W, H, W).clamp(min=1e-30).sqrt()
-        output_rel_error = float(num / den)
-    layer.weight.data.copy_(Q.to(layer.weight.dtype))
-    return LayerReport(
-        block=block, name=name, out_features=W.shape[0], in_features=W.shape[1],
-        weight_rel_error=float(D.norm() / W.norm().clamp(min=1e-30)), output_rel_error=output_rel_error,
-        damping=float(info.get("damping", 0.0)), cholesky_retries=int(info.get("cholesky_retries", 0)),
-        dead_inputs=int(info.get("dead_inputs", 0)), solve_s=solve_s)
+        raise FloatingPointError(f"block {block} {group[0][0]}: the {solver.module} solver produced NaN/Inf")
+    reports, row = [], 0
+    for (name, layer), W_i in zip(group, Ws):
+        rows = slice(row, row + W_i.shape[0])
+        row += W_i.shape[0]
+        Q_i = Q[rows]
+        D = W_i - Q_i
+        output_rel_error = None
+        if H is not None:
+            # ‖X̃ᵀDᵀ‖²/m = tr(D H Dᵀ): this layer's output error on the calibration tokens, same input
+            num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0).sqrt()
+            den = torch.einsum("ij,jk,ik->", W_i, H, W_i).clamp(min=1e-30).sqrt()
+            output_rel_error = float(num / den)
+        layer.weight.data.copy_(Q_i.to(layer.weight.dtype))
+        reports.append(LayerReport(
+            block=block, name=name, out_features=W_i.shape[0], in_features=W_i.shape[1],
+            weight_rel_error=float(D.norm() / W_i.norm().clamp(min=1e-30)), output_rel_error=output_rel_error,
+            damping=float(info.get("damping", 0.0)), cholesky_retries=int(info.get("cholesky_retries", 0)),
+            dead_inputs=int(info.get("dead_inputs", 0)), solve_s=solve_s * W_i.shape[0] / W.shape[0]))
+    return reports
 
 
 @torch.no_grad()
@@ -158,8 +172,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
         for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name}", disable=not progress)):
             block.to(device)
             for group in linear_groups(block):
-                for name, layer in group:
-                    reports.append(_solve_linear(layer, None, None, solver, spec, options, i, name))
+                reports += _solve_group(group, None, None, solver, spec, options, i)
             block.to("cpu")
         return reports, budget
     if calibration_ids is None:
@@ -189,8 +202,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
             H /= m
             if G is not None:
                 G /= m
-            for name, layer in group:
-                reports.append(_solve_linear(layer, H, G, solver, spec, options, i, name))
+            reports += _solve_group(group, H, G, solver, spec, options, i)
         budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
         x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
         if carry_float:

@@ -67,14 +67,14 @@ def run_recording(model, ids, stream, monkeypatch):
     import qbench.pipeline as pipeline
 
     solver = RecordingSolver(needs_G=True)
-    original = pipeline._solve_linear
+    original = pipeline._solve_group
 
-    def solve(layer, H, G, _solver, spec, options, block, name):
-        solver.current = (block, name)
-        return original(layer, H, G, solver, spec, options, block, name)
+    def solve(group, H, G, _solver, spec, options, block):
+        solver.current = (block, group[0][0])
+        return original(group, H, G, solver, spec, options, block)
 
     monkeypatch.setitem(pipeline.REGISTRY, "recording", solver)
-    monkeypatch.setattr(pipeline, "_solve_linear", solve)
+    monkeypatch.setattr(pipeline, "_solve_group", solve)
     quantize_model(model, GridSpec(bits=2), OmegaConf.create({"name": "recording"}), ids, stream=stream,
                    batch_size=2, progress=False)
     return solver.seen
@@ -104,3 +104,27 @@ def test_statistics_match_full_model_forwards(tiny_llama, stream, monkeypatch):
     # the dual stream sees the past: at block 1, X (float model) differs from X̃ (quantized model)
     H, G = seen[(1, "self_attn.q_proj")]
     assert (stream == "dual") == (not torch.allclose(G, H, rtol=1e-3, atol=1e-4))
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "optq", "gpfq", "qronos"])
+def test_stacked_group_solve_equals_separate_solves(algorithm):
+    """q/k/v (and gate/up) are solved as one stacked matrix: exactly the per-layer solutions."""
+    from qbench.algorithms import REGISTRY
+    from qbench.pipeline import _solve_group
+
+    g = torch.Generator().manual_seed(3)
+    n, m = 24, 200
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    X = A @ torch.randn(n, m, generator=g, dtype=torch.float64)
+    Xq = X + 0.1 * torch.randn(n, m, generator=g, dtype=torch.float64)
+    H, G = (Xq @ Xq.T / m).float(), (X @ Xq.T / m).float()
+    layers = [(f"l{i}", torch.nn.Linear(n, rows, bias=False)) for i, rows in enumerate([24, 8, 8])]
+    spec = GridSpec(bits=3, group_size=8)
+    options = {"rtn": {}, "optq": {"act_order": True}, "gpfq": {"act_order": True}, "qronos": {"act_order": True}}[algorithm]
+    solver = REGISTRY[algorithm]
+    expected = [solver.quantize(layer.weight.data.clone(), H, G, build_grid(layer.weight.data, spec), **options)
+                for _, layer in layers]
+    reports = _solve_group(layers, H, G, solver, spec, options, block=0)
+    for (_, layer), Q in zip(layers, expected):
+        torch.testing.assert_close(layer.weight.data, Q, rtol=1e-5, atol=1e-6)
+    assert [r.out_features for r in reports] == [24, 8, 8]

@@ -170,13 +170,16 @@ def test_act_order_uses_original_indices(name, monkeypatch):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 1e-3, 1e-1])
+
 def test_qronos_equals_optq_when_G_equals_H(alpha, act_order):
+    from qbench.algorithms._linalg import sigma_max
+
     W, X, _ = make_layer(12, 24, 96, seed=3)
     H, _ = stats(X, X)
     grid = MinMaxGrid(W, group_size=4)
     i_q, i_o = {}, {}
     Q_q = qronos.quantize(W, H, H, grid, info=i_q, alpha=alpha, act_order=act_order, block_size=4)
-    percdamp = alpha * float(torch.linalg.eigvalsh(H)[-1]) / float(torch.diagonal(H).mean())
+    percdamp = alpha * sigma_max(H) / float(torch.diagonal(H).mean())  # the same λ as Qronos
     Q_o = optq.quantize(W, H, None, grid, info=i_o, percdamp=percdamp, act_order=act_order, block_size=4)
     assert i_q["damping"] == pytest.approx(i_o["damping"], rel=1e-12)
     assert_same(Q_q, Q_o, W, X, X)
@@ -303,3 +306,15 @@ def test_solvers_beat_rtn_on_mismatched_objective():
     rtn = objective(W, grid.project(W, torch.arange(32)), X, Xt)
     for name, solve in SOLVERS.items():
         assert objective(W, solve(W, H, G, grid, act_order=True), X, Xt) < rtn, name
+
+
+def test_sigma_max_power_iteration_matches_eigvalsh():
+    from qbench.algorithms._linalg import sigma_max
+
+    g = torch.Generator().manual_seed(5)
+    for n, m in [(16, 100), (96, 400), (64, 20)]:
+        X = torch.randn(n, n, generator=g, dtype=torch.float64) @ torch.randn(n, m, generator=g, dtype=torch.float64)
+        H = X @ X.T / m
+        exact = float(torch.linalg.eigvalsh(H)[-1])
+        assert abs(sigma_max(H) - exact) <= 1e-4 * exact
+    assert sigma_max(torch.zeros(4, 4)) == 0.0

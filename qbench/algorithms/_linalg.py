@@ -97,15 +97,29 @@ def inverse_perm(perm: Tensor) -> Tensor:
     return inv
 
 
-def sigma_max(H: Tensor) -> float:
-    """Largest singular value of the symmetric PSD matrix H (its largest eigenvalue)."""
-    if H.numel() == 0:
+def sigma_max(H: Tensor, iters: int = 200, tol: float = 1e-7) -> float:
+    """Largest eigenvalue of the symmetric PSD matrix H (= σ_max) by power iteration.
+
+    The damping λ = alpha·σ_max needs only its scale, and N matrix-vector products cost far less than
+    a full eigendecomposition (eigvalsh took ~0.14 s at N = 1536 on this CPU, per layer).
+    """
+    N = H.shape[0]
+    if N == 0:
         return 0.0
-    try:
-        return max(float(torch.linalg.eigvalsh(H)[-1]), 0.0)
-    except RuntimeError:  # eigensolver did not converge: the ∞-norm bounds σ_max from above
-        log.warning("eigvalsh(H) failed; using ‖H‖_∞ ≥ σ_max(H) for the damping")
-        return float(H.abs().sum(dim=1).max())
+    v = torch.linspace(1.0, 2.0, N, dtype=H.dtype, device=H.device)  # deterministic, not ⟂ to the top vector
+    v /= v.norm()
+    estimate = 0.0
+    for _ in range(iters):
+        w = H @ v
+        rayleigh = float(v @ w)  # a lower bound on σ_max that increases monotonically for PSD H
+        norm = w.norm()
+        if not torch.isfinite(norm) or float(norm) == 0.0:
+            return max(rayleigh, 0.0) if torch.isfinite(norm) else float(H.abs().sum(dim=1).max())
+        v = w / norm
+        if abs(rayleigh - estimate) <= tol * abs(rayleigh):
+            return max(rayleigh, 0.0)
+        estimate = rayleigh
+    return max(estimate, 0.0)
 
 
 def next_damping(H: Tensor, damp: float, retries: int, why: str) -> float:
