@@ -13,6 +13,7 @@ figure is the one design.md §7 records for this machine (Qronos 247 s, GPTQ 172
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -23,7 +24,6 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from qbench import data, models, pipeline
-from qbench.algorithms import REGISTRY
 from qbench.cli import CONF_DIR, pick_device
 from qbench.config import register_configs, validate
 from qbench.quantizers import spec_from_config
@@ -41,22 +41,17 @@ def matmul_rate(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def quantize_once(cfg, loaded_source: str, calibration, device, count_flops: bool):
+def quantize_once(cfg, calibration, device, count_flops: bool):
     """Quantize a freshly loaded model; return (seconds, counted FLOPs or None, telemetry)."""
     model = models.load(cfg.model).model
-    counter = FlopCounterMode(display=False) if count_flops else None
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     start = time.perf_counter()
-    if counter is not None:
-        with counter:
-            reports, budget = pipeline.quantize_model(model, spec_from_config(cfg.quant), cfg.algorithm, calibration,
-                                                      cfg.calibration.stream, cfg.calibration.batch_size, device,
-                                                      progress=False)
-    else:
-        reports, budget = pipeline.quantize_model(model, spec_from_config(cfg.quant), cfg.algorithm, calibration,
-                                                  cfg.calibration.stream, cfg.calibration.batch_size, device,
-                                                  progress=False)
+    with counter:
+        reports, _ = pipeline.quantize_model(model, spec_from_config(cfg.quant), cfg.algorithm, calibration,
+                                             cfg.calibration.stream, cfg.calibration.batch_size, device,
+                                             progress=False)
     seconds = time.perf_counter() - start
-    return seconds, (counter.get_total_flops() if counter is not None else None), reports
+    return seconds, (counter.get_total_flops() if count_flops else None), reports
 
 
 def main(argv: list[str]) -> None:
@@ -85,8 +80,8 @@ def main(argv: list[str]) -> None:
             cfg = compose(config_name="config", overrides=[f"algorithm={name}", "quant=w4", "data.nsamples=16",
                                                             "data.seqlen=256", *overrides])
         validate(cfg)
-        seconds, _, reports = quantize_once(cfg, loaded.source, calibration, device, count_flops=False)
-        _, flops, _ = quantize_once(cfg, loaded.source, calibration, device, count_flops=True)
+        seconds, _, reports = quantize_once(cfg, calibration, device, count_flops=False)
+        _, flops, _ = quantize_once(cfg, calibration, device, count_flops=True)
         floor = flops / rate
         solve = sum(r.solve_s for r in reports)
         results[name] = dict(seconds=seconds, tflop=flops / 1e12, floor_s=floor, x_floor=seconds / floor if floor else None,

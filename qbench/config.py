@@ -112,7 +112,7 @@ class DataConfig:
 
     name: str = MISSING
     source: str = "enwiki-excerpt"  # enwiki-excerpt | wikitext2 | c4
-    nsamples: int = 16
+    nsamples: int = 64
     seqlen: int = 256
     seed: int = 0
 

@@ -178,6 +178,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     if calibration_ids is None:
         raise ValueError(f"algorithm {algorithm.name} needs calibration data")
     x_q, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
+    budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
     carry_float = solver.needs_G and stream == "dual"
     x_f = [x.clone() for x in x_q] if carry_float else None
     for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} blocks", disable=not progress)):
@@ -187,23 +188,34 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
         for group in linear_groups(block):
             first_name, first = group[0]
             n = first.in_features
+            # H = H_same + H_diff and G = H_same + G_diff, where "same" batches have X ≡ X̃ (e.g. the
+            # q/k/v input in the quantized stream): their G contribution is H's, no second product
             H = torch.zeros(n, n, dtype=torch.float32, device=device)
             G = torch.zeros(n, n, dtype=torch.float32, device=device) if solver.needs_G else None
+            H_same = torch.zeros_like(H) if solver.needs_G else None
             m = 0
             for b in range(len(x_q)):
                 Xq = _capture_input(block, first, x_q[b], kwargs[b]).float()  # X̃ᵀ: [tokens, n]
-                H.addmm_(Xq.T, Xq)
-                if G is not None:
+                if G is None:
+                    H.addmm_(Xq.T, Xq)
+                else:
                     source = x_f[b] if carry_float else x_q[b]
                     Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b]).float()
-                    G.addmm_(Xf.T, Xq)  # G[i, j] = <X_i, X̃_j>
+                    if torch.equal(Xf, Xq):
+                        H_same.addmm_(Xq.T, Xq)
+                    else:
+                        H.addmm_(Xq.T, Xq)
+                        G.addmm_(Xf.T, Xq)  # G[i, j] = <X_i, X̃_j>
+                        budget.statistics += 2.0 * n * n * Xq.shape[0]
+                budget.statistics += 2.0 * n * n * Xq.shape[0]
                 m += Xq.shape[0]
-            budget.statistics += 2.0 * n * n * m * (2 if G is not None else 1)
+            if G is not None:
+                H += H_same
+                G += H_same
             H /= m
             if G is not None:
                 G /= m
             reports += _solve_group(group, H, G, solver, spec, options, i)
-        budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
         x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
         if carry_float:
             x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]

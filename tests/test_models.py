@@ -1,6 +1,5 @@
 """The embedded model converts once into the qbench cache and reloads as a plain HF folder."""
 
-import os
 import time
 
 import pytest

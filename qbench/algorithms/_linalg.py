@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -155,6 +155,24 @@ def upper_inverse_cholesky(H: Tensor, damp: float) -> tuple[Tensor, float, int]:
         log.warning("Cholesky of H + λI failed at λ = %.3e; succeeded after %d retries at λ = %.3e",
                     damp, retries, lam)
     return U, lam, retries
+
+
+def solve_until_finite(H: Tensor, damp: float, attempt: Callable[[Tensor], tuple[Tensor, ...]],
+                       why: str) -> tuple[tuple[Tensor, ...], float, int]:
+    """Run attempt(U) with U from H + λI; while its outputs hold NaN/Inf, raise λ ×10 and redo it.
+
+    Returns (attempt's outputs, λ actually used, retries). Never lets a non-finite result through.
+    """
+    retries = 0
+    while True:
+        U, damp, r = upper_inverse_cholesky(H, damp)
+        retries += r
+        outputs = attempt(U)
+        if all_finite(*outputs):
+            return outputs, damp, retries
+        damp = next_damping(H, damp, retries, why)
+        retries += 1
+        log.warning("%s overflowed; retrying at λ = %.3e", why, damp)
 
 
 def all_finite(*tensors: Tensor) -> bool:

@@ -8,7 +8,6 @@ applied lazily, block_size columns at a time, as in IST-DASLab's gptq.py.
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -16,7 +15,6 @@ from torch import Tensor
 
 from . import _linalg
 
-log = logging.getLogger(__name__)
 
 
 def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> Tensor:
@@ -63,18 +61,12 @@ def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, 
     H = _linalg.permute_sym(H, perm)
 
     damp = percdamp * float(torch.diagonal(H).mean()) if N else 0.0
-    cols, retries = perm.tolist(), 0
-    while True:
-        U, damp, r = _linalg.upper_inverse_cholesky(H, damp)
-        retries += r
-        V = W.clone()  # the sweep leaves v_t, as quantized, in column t
-        Q = sweep(V, U, quantizer, cols, B)
-        if _linalg.all_finite(V, Q):
-            break
-        # never emit NaN/Inf: an overflowing sweep is redone with more damping
-        damp = _linalg.next_damping(H, damp, retries, "OPTQ sweep")
-        retries += 1
-        log.warning("OPTQ sweep overflowed; retrying at λ = %.3e", damp)
+    cols = perm.tolist()
 
+    def attempt(U: Tensor) -> tuple[Tensor, Tensor]:
+        V = W.clone()  # the sweep leaves v_t, as quantized, in column t
+        return sweep(V, U, quantizer, cols, B), V
+
+    (Q, _), damp, retries = _linalg.solve_until_finite(H, damp, attempt, "OPTQ sweep")
     _linalg.write_info(info, damp, retries, int(dead.sum()))
     return Q[:, _linalg.inverse_perm(perm)].to(dtype)

@@ -9,7 +9,6 @@ OPTQ on H with the trailing block of U (O). With G = H (X̃ = X), D = 0 and this
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +17,6 @@ from torch import Tensor
 from . import _linalg
 from .optq import sweep
 
-log = logging.getLogger(__name__)
 
 
 def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Optional[dict] = None,
@@ -49,18 +47,8 @@ def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Opti
     W[:, dead[perm]] = 0
     cols = perm.tolist()
 
-    retries = 0
-    while True:
-        U, damp, r = _linalg.upper_inverse_cholesky(H, damp)
-        retries += r
-        Q, V = _solve(W, WD, H, U, quantizer, cols, B)
-        if _linalg.all_finite(V, Q):
-            break
-        # never emit NaN/Inf: an overflowing solve is redone with more damping
-        damp = _linalg.next_damping(H, damp, retries, "Qronos solve")
-        retries += 1
-        log.warning("Qronos solve overflowed; retrying at λ = %.3e", damp)
-
+    (Q, _), damp, retries = _linalg.solve_until_finite(
+        H, damp, lambda U: _solve(W, WD, H, U, quantizer, cols, B), "Qronos solve")
     _linalg.write_info(info, damp, retries, int(dead.sum()))
     return Q[:, _linalg.inverse_perm(perm)].to(dtype)
 
