@@ -16,7 +16,6 @@ from torch import Tensor
 from . import _linalg
 
 
-
 def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> Tensor:
     """Lazy-batch OPTQ over the columns of W (solve order) with factor U; cols are original indices.
 

@@ -18,7 +18,6 @@ from . import _linalg
 from .optq import sweep
 
 
-
 def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Optional[dict] = None,
              alpha: float = 1e-6, act_order: bool = False, block_size: Optional[int] = None) -> Tensor:
     """Qronos: Q on the grid for min ‖XᵀWᵀ − X̃ᵀQᵀ‖, with λ = alpha·σ_max(H) (×10 on Cholesky failure)."""
