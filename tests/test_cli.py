@@ -59,3 +59,11 @@ def test_multirun_sweep_writes_one_row_per_config(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json")]
     assert sorted((r["algorithm"], r["w_bits"]) for r in rows) == [("float", 16.0), ("rtn", 3.0), ("rtn", 4.0)]
+
+
+def test_experiment_preset_runs_its_sweep(tmp_path):
+    proc, _ = qbench("-m", "experiment=weight-only", *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json")]
+    runs = sorted((r["algorithm"], r["w_bits"]) for r in rows if r["algorithm"] != "float")
+    assert runs == sorted((a, b) for a in ("rtn", "optq", "gpfq", "qronos") for b in (3.0, 4.0))
