@@ -49,7 +49,7 @@ def quantize_once(cfg, calibration, device, count_flops: bool):
     with counter:
         reports, _ = pipeline.quantize_model(model, spec_from_config(cfg.quant), cfg.algorithm, calibration,
                                              cfg.calibration.stream, cfg.calibration.batch_size, device,
-                                             progress=False)
+                                             progress=False, float_cache_gb=cfg.calibration.float_cache_gb)
     seconds = time.perf_counter() - start
     return seconds, (counter.get_total_flops() if count_flops else None), reports
 

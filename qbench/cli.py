@@ -218,7 +218,7 @@ def run(cfg) -> None:
     if float(cfg.quant.w_bits) < 16:
         reports, budget = pipeline.quantize_model(
             model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
-            batch_size=cfg.calibration.batch_size, device=device)
+            batch_size=cfg.calibration.batch_size, device=device, float_cache_gb=cfg.calibration.float_cache_gb)
     quant_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate_all(model, windows, cfg, device)

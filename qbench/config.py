@@ -123,6 +123,7 @@ class CalibrationConfig:
 
     stream: str = "quantized"  # quantized (Brevitas) | dual (float activations carried along)
     batch_size: int = 4
+    float_cache_gb: float = 4.0  # memory for one float pass's X per block; above it X is recomputed
 
 
 @dataclass
@@ -231,6 +232,8 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(cfg.calibration.stream in SUPPORTED_STREAMS,
            f"calibration.stream={cfg.calibration.stream!r} must be one of {list(SUPPORTED_STREAMS)}")
     _check(cfg.calibration.batch_size > 0, f"calibration.batch_size={cfg.calibration.batch_size} must be positive")
+    _check(cfg.calibration.float_cache_gb >= 0,
+           f"calibration.float_cache_gb={cfg.calibration.float_cache_gb} must be >= 0 (0 = always recompute X)")
     for protocol in e.protocols:
         _check(protocol in SUPPORTED_PROTOCOLS,
                f"eval.protocols contains {protocol!r}; supported: {list(SUPPORTED_PROTOCOLS)}")

@@ -86,6 +86,42 @@ def _block_output(block: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def _float_pass(block: nn.Module, names: list[str], sources: list[Tensor], kwargs: list[dict],
+                keep_output: bool) -> tuple[list[dict[str, Tensor]], Optional[list[Tensor]]]:
+    """One forward of the (float) block per batch, keeping the input of each named Linear as [tokens, n].
+
+    The float block never changes, so one pass serves every sub-layer group; without `keep_output`
+    the pass stops at the last named Linear.
+    """
+    layers = dict(block.named_modules())
+    seen: dict[str, Tensor] = {}
+
+    def hook_for(name: str, stop: bool):
+        def hook(_module, args):
+            seen[name] = args[0].reshape(-1, args[0].shape[-1])
+            if stop:
+                raise _Stop
+
+        return hook
+
+    handles = [layers[name].register_forward_pre_hook(hook_for(name, not keep_output and name == names[-1]))
+               for name in names]
+    inputs, outputs = [], []
+    try:
+        for x, kw in zip(sources, kwargs):
+            try:
+                out = _block_output(block, x, kw)
+                outputs.append(out)
+            except _Stop:
+                pass
+            inputs.append(dict(seen))
+            seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, (outputs if keep_output else None)
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int,
                          device: torch.device) -> tuple[list[Tensor], list[dict]]:
@@ -160,8 +196,12 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
 @torch.no_grad()
 def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids: Optional[Tensor],
                    stream: str = "quantized", batch_size: int = 4, device: str | torch.device = "cpu",
-                   progress: bool = True) -> tuple[list[LayerReport], Budget]:
-    """Replace every Linear weight inside the decoder blocks by its quantized value, block by block."""
+                   progress: bool = True, float_cache_gb: float = 4.0) -> tuple[list[LayerReport], Budget]:
+    """Replace every Linear weight inside the decoder blocks by its quantized value, block by block.
+
+    `float_cache_gb` bounds the memory that keeps the float inputs X of a block's sub-layer groups from
+    one float pass; above it, X is recomputed group by group (more forward passes, same numbers).
+    """
     device = torch.device(device)
     solver = REGISTRY[algorithm.name]
     options = solver_options(algorithm)
@@ -183,9 +223,19 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     x_f = [x.clone() for x in x_q] if carry_float else None
     for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} blocks", disable=not progress)):
         block.to(device)
-        float_block = copy.deepcopy(block) if solver.needs_G else None
-        float_layers = dict(float_block.named_modules()) if float_block is not None else {}
-        for group in linear_groups(block):
+        groups = linear_groups(block)
+        float_block, float_layers, float_inputs = None, {}, None
+        if solver.needs_G:
+            float_block = copy.deepcopy(block)
+            float_layers = dict(float_block.named_modules())
+            firsts = [group[0][0] for group in groups]
+            cache_bytes = 4 * budget.tokens * sum(group[0][1].in_features for group in groups)
+            if cache_bytes <= float_cache_gb * 2**30:  # X of every group from one float pass
+                float_inputs, float_outputs = _float_pass(
+                    float_block, firsts, x_f if carry_float else x_q, kwargs, keep_output=carry_float)
+                if carry_float:
+                    x_f = float_outputs
+        for group in groups:
             first_name, first = group[0]
             n = first.in_features
             # H = H_same + H_diff and G = H_same + G_diff, where "same" batches have X ≡ X̃ (e.g. the
@@ -199,8 +249,11 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
                 if G is None:
                     H.addmm_(Xq.T, Xq)
                 else:
-                    source = x_f[b] if carry_float else x_q[b]
-                    Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b]).float()
+                    if float_inputs is not None:
+                        Xf = float_inputs[b][first_name].float()
+                    else:  # over the cache budget: recompute X for this group only
+                        source = x_f[b] if carry_float else x_q[b]
+                        Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b]).float()
                     if torch.equal(Xf, Xq):
                         H_same.addmm_(Xq.T, Xq)
                     else:
@@ -217,9 +270,9 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
                 G /= m
             reports += _solve_group(group, H, G, solver, spec, options, i)
         x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
-        if carry_float:
+        if carry_float and float_inputs is None:
             x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
-        del float_block, float_layers
+        del float_block, float_layers, float_inputs
         block.to("cpu")
     return reports, budget
 

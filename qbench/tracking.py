@@ -20,7 +20,8 @@ from typing import Any, Optional
 import pandas as pd
 
 SCHEMA_VERSION = 1
-KEY_EXCLUDES = ("tracking",)  # fields that do not change what is measured
+# fields that do not change what is measured: where results go, and memory/speed knobs
+KEY_EXCLUDES = ("tracking", "calibration.float_cache_gb")
 SECRET_NAME = re.compile(r"(api_?key|secret|password|passwd|credential|(^|_)(access_|auth_|hf_)?token$)", re.I)
 
 
@@ -30,7 +31,14 @@ def _canonical(obj: Any) -> str:
 
 def run_key(resolved: dict) -> str:
     """Hash of the resolved config minus tracking fields: equal keys measure the same thing."""
-    payload = {k: v for k, v in resolved.items() if k not in KEY_EXCLUDES}
+    payload = json.loads(_canonical(resolved))
+    for dotted in KEY_EXCLUDES:
+        *parents, leaf = dotted.split(".")
+        node = payload
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()[:16]
 
 

@@ -63,7 +63,7 @@ def layer_inputs(model, ids, path):
     return torch.cat([s.reshape(-1, s.shape[-1]) for s in seen])
 
 
-def run_recording(model, ids, stream, monkeypatch):
+def run_recording(model, ids, stream, monkeypatch, float_cache_gb):
     import qbench.pipeline as pipeline
 
     solver = RecordingSolver(needs_G=True)
@@ -76,18 +76,19 @@ def run_recording(model, ids, stream, monkeypatch):
     monkeypatch.setitem(pipeline.REGISTRY, "recording", solver)
     monkeypatch.setattr(pipeline, "_solve_group", solve)
     quantize_model(model, GridSpec(bits=2), OmegaConf.create({"name": "recording"}), ids, stream=stream,
-                   batch_size=2, progress=False)
+                   batch_size=2, progress=False, float_cache_gb=float_cache_gb)
     return solver.seen
 
 
+@pytest.mark.parametrize("float_cache_gb", [4.0, 0.0])  # X from one float pass, or recomputed per group
 @pytest.mark.parametrize("stream", ["quantized", "dual"])
-def test_statistics_match_full_model_forwards(tiny_llama, stream, monkeypatch):
+def test_statistics_match_full_model_forwards(tiny_llama, stream, float_cache_gb, monkeypatch):
     """H = X̃X̃ᵀ/m and G = XX̃ᵀ/m, X̃ from the quantized model, X as the stream defines it."""
     import copy
 
     ids = torch.randint(2, 258, (4, 24), generator=torch.Generator().manual_seed(1))
     float_model = copy.deepcopy(tiny_llama)
-    seen = run_recording(tiny_llama, ids, stream, monkeypatch)  # tiny_llama is now quantized
+    seen = run_recording(tiny_llama, ids, stream, monkeypatch, float_cache_gb)  # tiny_llama is now quantized
     m = ids.numel()
     for block, name in [(0, "self_attn.q_proj"), (1, "self_attn.q_proj"), (1, "mlp.down_proj")]:
         path = f"model.layers.{block}.{name}"

@@ -17,6 +17,9 @@ def config(**tracking_fields):
 
 def test_run_key_ignores_tracking_and_sees_everything_else():
     assert run_key(config()) == run_key(config(dir="elsewhere", wandb_mode="disabled"))
+    cached, recomputed = config(), config()
+    cached["calibration"], recomputed["calibration"] = {"float_cache_gb": 4.0}, {"float_cache_gb": 0.0}
+    assert run_key(cached) == run_key(recomputed)  # a memory knob, not a different measurement
     other = config()
     other["quant"]["w_bits"] = 3
     assert run_key(other) != run_key(config())
