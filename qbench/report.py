@@ -59,7 +59,8 @@ def render(frame: pd.DataFrame, metrics: list[str] | None = None, model: str | N
             if metric not in group or group[metric].isna().all():
                 continue
             table = perplexity_table(group, metric)
-            parts.append(f"### {name}: {metric}\n\n" + table.to_markdown(floatfmt=".3f"))
+            cells = table.astype(object).where(table.notna(), None)  # tabulate marks None, not NaN
+            parts.append(f"### {name}: {metric}\n\n" + cells.to_markdown(floatfmt=".3f", missingval="—"))
     return "\n\n".join(parts) if parts else "(no matching rows)"
 
 

@@ -1,0 +1,1 @@
+"""Model-level transforms applied before calibration: orthogonal (Hadamard) rotations."""
