@@ -20,9 +20,18 @@ from qbench.transforms.hadamard import (
 )
 
 MAX_N = 16384
-DENSE_MAX = 4096  # H Hᵀ = nI checked entry by entry up to here
+DENSE_MAX = 4096  # H Hᵀ = nI checked with a dense GEMM up to here (1.2 s at 4096 on one core)
 SUPPORTED = sorted({K << k for K in FACTORS for k in range(MAX_N.bit_length()) if K << k <= MAX_N})
 LLAMA_SIZES = [64, 128, 576, 1536, 2048, 3072, 4096, 8192, 11008, 14336]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Many small ops: one intra-op thread avoids OpenMP barrier stalls on a shared CPU (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _dense_ref(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
@@ -117,11 +126,7 @@ def test_supported_sizes_cover_llama_dims():
 def test_dense_orthogonality(n):
     H = hadamard_matrix(n, torch.float32)  # ±1 and integer sums < 2^24: float32 products are exact
     assert torch.all(H.abs() == 1)
-    if n <= 2048 or n in (3072, 4096):
-        G = H @ H.T  # dense GEMM
-    else:
-        G = hadamard_transform(H, normalize=False)  # all n² entries of H Hᵀ, via the (separately tested) transform
-    assert torch.equal(G, n * torch.eye(n))
+    assert torch.equal(H @ H.T, n * torch.eye(n))
 
 
 @pytest.mark.parametrize("n", [96, 576, 1536, 2752, 3584])
@@ -174,13 +179,17 @@ def test_fast_equals_dense(n, shape, with_signs):
     assert (y32.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_transform_does_not_alias_input():
+def test_transform_input_handling():
     x = torch.randn(4, 1, dtype=torch.float64)
     y = hadamard_transform(x, normalize=False)
     y.add_(1)
     assert not torch.equal(x, y)
     with pytest.raises(ValueError, match="signs"):
         hadamard_transform(torch.zeros(2, 12), torch.ones(24))
+    with pytest.raises(TypeError, match="floating"):
+        hadamard_transform(torch.zeros(2, 12, dtype=torch.int64))
+    xt = torch.randn(576, 3, dtype=torch.float64).T  # non-contiguous input
+    assert torch.equal(hadamard_transform(xt), hadamard_transform(xt.contiguous()))
 
 
 @pytest.mark.parametrize("n", [12, 64, 172, 576, 1536])

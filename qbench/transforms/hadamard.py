@@ -4,8 +4,8 @@ H_n = H_K ⊗ H_{2^k}: H_{2^k} is Sylvester's, and every K-order factor is *cons
 tables) by one of
   Sylvester (1867)        H_{2m} = [[H_m, H_m], [H_m, -H_m]];
   Paley I (1933)          q ≡ 3 (mod 4) a prime power: H_{q+1} = I + [[0, 1ᵀ], [-1, Q]];
-  Paley II (1933)         q ≡ 1 (mod 4) a prime power: H_{2(q+1)} = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]],
-                          C = [[0, 1ᵀ], [1, Q]] the symmetric conference matrix;
+  Paley II (1933)         q ≡ 1 (mod 4) a prime power, C = [[0, 1ᵀ], [1, Q]] the symmetric conference matrix:
+                          H_{2(q+1)} = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]];
   Goethals–Seidel (1967)  four ±1 circulants A, B, C, D of odd order m with ΣXXᵀ = 4m·I give H_{4m}; the
                           circulants are found by a short deterministic search over unions of orbits of a
                           multiplier group on Z_m (the orbit method used by Đoković for Williamson-type matrices).
@@ -62,14 +62,17 @@ class HadamardError(ValueError):
     """No Hadamard matrix of the requested order can be constructed here (message: one line)."""
 
 
+def _factor_list() -> str:
+    return "{" + ", ".join(map(str, FACTORS)) + "}"
+
+
 def _unsupported(n: object) -> str:
     """One-line reason n is not 2^k·K with a constructible K."""
-    ks = ", ".join(map(str, FACTORS))
     hint = ""
     if isinstance(n, int) and n > 0:
         two = (n & -n).bit_length() - 1
         hint = f" ({n} = 2^{two}·{n >> two})"
-    return f"n={n!r} has no Hadamard construction here: n must be 2^k·K with K in {{{ks}}}{hint}"
+    return f"n={n!r} has no Hadamard construction here: n must be 2^k·K with K in {_factor_list()}{hint}"
 
 
 def factorize(n: int) -> tuple[int, int]:
@@ -172,14 +175,14 @@ def _paley2(q: int) -> Tensor:
     """Paley II, q ≡ 1 (mod 4): symmetric conference C (C² = qI) expanded by 2x2 blocks to order 2(q+1)."""
     C = torch.zeros(q + 1, q + 1, dtype=torch.int64)
     C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, _jacobsthal(q)
-    plus = torch.tensor([[1, 1], [1, -1]])
-    zero = torch.tensor([[1, -1], [-1, -1]])
-    return torch.kron(C, plus) + torch.kron(torch.eye(q + 1, dtype=torch.int64), zero)
+    off_diagonal = torch.tensor([[1, 1], [1, -1]])  # replaces each ±1 of C
+    on_diagonal = torch.tensor([[1, -1], [-1, -1]])  # replaces each 0 (the diagonal) of C
+    return torch.kron(C, off_diagonal) + torch.kron(torch.eye(q + 1, dtype=torch.int64), on_diagonal)
 
 
-def _sylvester(p: int) -> Tensor:
+def _sylvester(p: int, dtype: torch.dtype = torch.int64) -> Tensor:
     """Sylvester H_p, p = 2^k: H[i, j] = (-1)^popcount(i & j)."""
-    H = torch.ones(1, 1, dtype=torch.int64)
+    H = torch.ones(1, 1, dtype=dtype)
     while H.shape[0] < p:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     return H
@@ -241,7 +244,8 @@ def _goethals_seidel(m: int) -> Tensor:
         raise HadamardError(f"K={4 * m}: no Goethals–Seidel circulants found by the orbit search")
     idx = (torch.arange(m)[None, :] - torch.arange(m)[:, None]) % m
     A, B, C, D = (torch.tensor(s)[idx] for s in seqs)  # circulant X[i, j] = x[(j - i) mod m]
-    R = torch.eye(m, dtype=torch.int64).flip(1)  # back-diagonal: (XR)ᵀ = XR-type symmetries make the array work
+    # R = back-identity: for circulants X, Y, XR is symmetric and XRYᵀ = YRXᵀ, so the off-diagonal blocks cancel.
+    R = torch.eye(m, dtype=torch.int64).flip(1)
     return torch.cat([
         torch.cat([A, B @ R, C @ R, D @ R], 1),
         torch.cat([-B @ R, A, D.T @ R, -C.T @ R], 1),
@@ -250,7 +254,7 @@ def _goethals_seidel(m: int) -> Tensor:
     ], 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=32)
 def _factor_base(K: int) -> Tensor:
     """The K×K factor in float64, built once and verified (HHᵀ = KI exactly)."""
     kind, param = _CONSTRUCTIONS[K]
@@ -272,32 +276,34 @@ def _factor_base(K: int) -> Tensor:
 def hadamard_factor(K: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """The constructed K×K ±1 Hadamard matrix (HHᵀ = KI) for K in FACTORS; a fresh copy each call."""
     if K not in _CONSTRUCTIONS:
-        raise HadamardError(f"K={K!r} is not a constructible Hadamard factor here: K must be one of {set(FACTORS)}")
+        raise HadamardError(f"K={K!r} is not a constructible Hadamard factor here: K must be one of {_factor_list()}")
     return _factor_base(K).to(dtype=dtype, copy=True)
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> Tensor:
     """Dense n×n ±1 matrix H_n = H_K ⊗ H_{2^k} ((K, 2^k) = factorize(n)), with H_n H_nᵀ = nI."""
     K, p = factorize(n)
-    return torch.kron(_factor_base(K).to(dtype), _sylvester(p).to(dtype))
+    H = _sylvester(p, dtype)
+    return H if K == 1 else torch.kron(_factor_base(K).to(dtype), H)
 
 
 @functools.lru_cache(maxsize=64)
 def _block(size: int, kind: str, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Cached transposed factor (K-part or Sylvester block) on the transform's dtype/device."""
-    H = _factor_base(size) if kind == "K" else _sylvester(size).double()
+    H = _factor_base(size) if kind == "K" else _sylvester(size, torch.float64)
     return H.T.contiguous().to(dtype=dtype, device=device)
 
 
 def hadamard_transform(x: Tensor, signs: Tensor | None = None, normalize: bool = True) -> Tensor:
-    """y = (x ⊙ s) H_nᵀ / √n along the last dim, n = x.shape[-1]: y == x @ (H_n diag(s)).T / √n
-    == x @ orthonormal_hadamard(n, seed).T when s = random_signs(n, seed) (no 1/√n when normalize=False).
+    """y = x @ (H_n diag(s)).T / √n = (x ⊙ s) H_nᵀ / √n along the last dim, n = x.shape[-1] (no /√n if not normalize).
 
-    Row form of R·x with R = H_n diag(s)/√n orthonormal, so W x = (W Rᵀ)(R x) = hadamard_transform(W) @
-    hadamard_transform(x). Computed as Kronecker factors on a reshaped [B, K, b1, b2, ...] view: one small GEMM
-    per factor (H_K, then Sylvester blocks of ≤ 128), O(n·(K + Σb)) instead of O(n²)."""
+    With s = random_signs(n, seed) this is x @ R.T, R = orthonormal_hadamard(n, seed), so W x = (W Rᵀ)(R x) =
+    hadamard_transform(W, s) @ hadamard_transform(x, s)ᵀ. Fast: H_n = H_K ⊗ H_{b1} ⊗ H_{b2} ⊗ … (Sylvester
+    blocks b ≤ 128) applied by one small GEMM per factor on a reshaped view: O(n·(K + Σb)) work, not O(n²)."""
     n = x.shape[-1]
     K, p = factorize(n)
+    if not x.is_floating_point():
+        raise TypeError(f"hadamard_transform needs a floating-point x, got {x.dtype}")
     if signs is not None:
         if signs.shape != (n,):
             raise ValueError(f"signs must have shape ({n},), got {tuple(signs.shape)}")
@@ -329,7 +335,7 @@ def random_signs(n: int, seed: int, dtype: torch.dtype = torch.float64) -> Tenso
 
 
 def orthonormal_hadamard(n: int, seed: int | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Dense orthonormal R = H_n diag(s) / √n (s = random_signs(n, seed), ones if seed is None), to fold into weights."""
+    """Dense orthonormal R = H_n diag(s)/√n, s = random_signs(n, seed) (ones if seed is None), to fold into weights."""
     H = hadamard_matrix(n, torch.float64)
     if seed is not None:
         H = H * random_signs(n, seed)  # scales column j by s_j
