@@ -47,11 +47,19 @@ class Grid:
     qmax: int
     group_size: int  # columns per group (N for per-channel)
 
+    def __post_init__(self) -> None:
+        # one contiguous [M] scale and zero row per group: the solvers quantize a column at a time
+        self._scale_rows = self.scale.T.contiguous()
+        self._zero_rows = self.zero.T.contiguous()
+
     def __call__(self, w: Tensor, j: int | Tensor) -> Tensor:
         """Quantize column(s) w ([M] with int j, or [M, k] with a LongTensor of k original indices)."""
-        g = j // self.group_size
-        s = self.scale[:, g].to(w.dtype)
-        z = self.zero[:, g].to(w.dtype)
+        if isinstance(j, int):
+            g = j // self.group_size
+            s, z = self._scale_rows[g].to(w.dtype), self._zero_rows[g].to(w.dtype)
+        else:
+            g = j // self.group_size
+            s, z = self.scale[:, g].to(w.dtype), self.zero[:, g].to(w.dtype)
         code = torch.clamp(torch.round(w / s) + z, self.qmin, self.qmax)
         return (code - z) * s
 

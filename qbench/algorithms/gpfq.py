@@ -3,8 +3,9 @@ error between the float path (X, W) and the quantized path (X̃, Q); nothing is 
 
     q_t = Q((Σ_{j≤t} w_j G[j,t] − Σ_{j<t} q_j H[j,t]) / H[t,t]),   H = X̃X̃ᵀ/m, G = XX̃ᵀ/m.
 
-All M rows at once: A = W·triu(G) is formed once, and the correction Σ_{j<t} q_j H[j,t] is
-subtracted from A lazily, block by block, so nearly all of the O(MN²) work is in blocked matmuls.
+All M rows at once: A = W·triu(G) is formed once (transposed, so each column is a contiguous row),
+and the correction Σ_{j<t} q_j H[j,t] is subtracted from it lazily, block by block, so nearly all of
+the O(MN²) work is in blocked matmuls.
 """
 
 from __future__ import annotations
@@ -40,19 +41,20 @@ def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Opti
     G = _linalg.permute_sym(G, perm)
     cols = perm.tolist()
 
-    A = W @ torch.triu(G)  # A[:, t] = Σ_{j≤t} w_j G[j,t]
-    d = torch.diagonal(H).clone()
-    Q = torch.empty_like(W)
+    # Aᵀ[t] = Σ_{j≤t} w_j G[j,t] for every row at once; kept transposed so column t is a contiguous row
+    AT = torch.triu(G).T @ W.T
+    d = torch.diagonal(H).tolist()
+    QT = torch.empty_like(AT)
     for i1 in range(0, N, BLOCK):
         i2 = min(i1 + BLOCK, N)
-        A1 = A[:, i1:i2]  # a view; holds A − Σ_{j<t} q_j H[j,t] once column t is reached
-        H1 = H[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            t = i1 + i
-            q = quantizer(A1[:, i] / d[t], cols[t]).to(W.dtype)
-            Q[:, t] = q
-            A1[:, i + 1:] -= q[:, None] * H1[i, i + 1:][None, :]  # correction inside the block
-        A[:, i2:] -= Q[:, i1:i2] @ H[i1:i2, i2:]  # and for all later columns, once per block
+        for t in range(i1, i2):  # AT[t] holds A − Σ_{j<t} q_j H[j,t] once column t is reached
+            q = quantizer(AT[t] / d[t], cols[t]).to(W.dtype)
+            QT[t] = q
+            if t + 1 < i2:  # correction inside the block
+                AT[t + 1:i2].addr_(H[t, t + 1:i2], q, alpha=-1)
+        if i2 < N:  # and for all later columns, once per block
+            AT[i2:].addmm_(H[i1:i2, i2:].T, QT[i1:i2], alpha=-1)
+    Q = QT.T
 
     _linalg.write_info(info, 0.0, 0, int(dead.sum()))
     return Q[:, _linalg.inverse_perm(perm)].to(dtype)

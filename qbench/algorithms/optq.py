@@ -19,24 +19,29 @@ from . import _linalg
 def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> Tensor:
     """Lazy-batch OPTQ over the columns of W (solve order) with factor U; cols are original indices.
 
-    W is updated in place (pass a working copy); returns Q of W's shape.
+    W is updated in place (pass a working copy): column t ends as v_t, the value that was quantized.
+    Returns Q of W's shape. The sweep runs on Wᵀ so that every column is one contiguous row: the
+    per-column work is then a handful of vector ops on contiguous memory.
     """
     M, N = W.shape
-    Q = torch.empty_like(W)
+    WT = W.T.contiguous()  # [N, M]: row t is column t of W
+    QT = torch.empty_like(WT)
+    d = torch.diagonal(U).tolist()
     for i1 in range(0, N, block_size):
         i2 = min(i1 + block_size, N)
-        W1 = W[:, i1:i2]  # a view: in-block updates land in W
-        U1 = U[i1:i2, i1:i2]
-        E1 = torch.empty_like(W1)  # scaled errors (v_t − q_t)/U[t,t] of this block
-        for i in range(i2 - i1):
-            w = W1[:, i].clone()
-            q = quantizer(w, cols[i1 + i]).to(W.dtype)
-            Q[:, i1 + i] = q
-            e = (w - q) / U1[i, i]
-            W1[:, i + 1:] -= e[:, None] * U1[i, i + 1:][None, :]  # v_{>t} update inside the block
-            E1[:, i] = e
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the same update for all later columns, once per block
-    return Q
+        ET = torch.empty(i2 - i1, M, dtype=W.dtype, device=W.device)  # scaled errors (v_t − q_t)/U[t,t]
+        for t in range(i1, i2):
+            w = WT[t]
+            q = quantizer(w, cols[t]).to(W.dtype)
+            QT[t] = q
+            e = ET[t - i1]
+            torch.sub(w, q, out=e).div_(d[t])
+            if t + 1 < i2:  # v_{>t} update inside the block: v_j −= e·U[t, j]
+                WT[t + 1:i2].addr_(U[t, t + 1:i2], e, alpha=-1)
+        if i2 < N:  # the same update for all later columns, once per block
+            WT[i2:].addmm_(U[i1:i2, i2:].T, ET, alpha=-1)
+    W.copy_(WT.T)
+    return QT.T
 
 
 def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, info: Optional[dict] = None,
