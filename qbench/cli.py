@@ -138,6 +138,34 @@ def evaluate_all(model, windows: dict, cfg, device) -> dict:
     return metrics
 
 
+def preprocess(model, cfg, calibration, device) -> dict:
+    """Apply the configured transforms in a fixed order, before calibration: rotation (exact), SmoothQuant
+    (exact), MagR (not exact). Returns what they did and how long each took, for the results row."""
+    from qbench import pipeline
+
+    p, report = cfg.preprocess, {}
+    if p.rotation != "none":
+        from qbench.transforms import rotation
+
+        start = time.perf_counter()
+        rotation.apply_rotation(model, p.rotation, p.rotation_seed)
+        report["preprocess_rotation_s"] = time.perf_counter() - start
+    if p.equalization == "smoothquant":
+        from qbench.transforms import equalize
+
+        start = time.perf_counter()
+        absmax = pipeline.input_absmax(model, calibration, batch_size=cfg.calibration.batch_size, device=device)
+        equalize.apply_smoothquant(model, absmax, p.smoothquant_alpha)
+        report["preprocess_smoothquant_s"] = time.perf_counter() - start
+    if p.magr:
+        start = time.perf_counter()
+        layers = pipeline.apply_magr(model, calibration, p.magr_alpha, batch_size=cfg.calibration.batch_size,
+                                     device=device)
+        report["preprocess_magr_s"] = time.perf_counter() - start
+        report["magr_mean_rel_output_change"] = sum(r["rel_output_change"] for r in layers) / max(len(layers), 1)
+    return report
+
+
 def base_row(cfg, resolved: dict, key: str, loaded, n_params: int) -> dict:
     from qbench.tracking import git_sha, qbench_version
 
@@ -190,7 +218,9 @@ def run(cfg) -> None:
             raise ConfigError(f"the loaded weights of {cfg.model.name} hold NaN or Inf (in {name})")
     windows = evaluation_windows(cfg, tokenizer)
     calibration = None
-    if solver.needs_H and float(cfg.quant.w_bits) < 16:
+    p = cfg.preprocess
+    needs_data = (solver.needs_H and float(cfg.quant.w_bits) < 16) or p.equalization != "none" or p.magr
+    if needs_data:
         bos = getattr(tokenizer, "bos_token_id", None)
         calibration = data.calibration_windows(data.tokenize(tokenizer, data.load_text(cfg.data.source, "train")),
                                                cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed, bos)
@@ -213,6 +243,12 @@ def run(cfg) -> None:
             _log_run(cfg, row["config"], row, [], name=f"{cfg.model.name}-float")
             _report(row)
 
+    preprocess_report = preprocess(model, cfg, calibration, device)
+    if preprocess_report and cfg.eval.after_preprocess:  # what the transforms alone did to the float model
+        for name, value in evaluate_all(model, windows, cfg, device).items():
+            if name.startswith("ppl/"):
+                preprocess_report[name.replace("ppl/", "ppl_preprocessed/", 1)] = value
+
     t0 = time.perf_counter()
     reports, budget = [], None
     if float(cfg.quant.w_bits) < 16:
@@ -226,6 +262,7 @@ def run(cfg) -> None:
 
     row = base_row(cfg, resolved, key, loaded, n_params)
     row.update(quant_time_s=quant_s, eval_time_s=eval_s, load_time_s=load_s, status="ok", **metrics,
+               **preprocess_report,
                **pipeline.summarize(reports), **peak_memory_mb(device))
     if budget is not None:
         row["statistics_gflop"] = budget.statistics / 1e9

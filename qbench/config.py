@@ -98,7 +98,7 @@ class PreprocessConfig:
     """Model-level transforms applied before calibration (implemented in qbench.transforms)."""
 
     name: str = "none"
-    rotation: str = "none"  # none | hadamard | quarot
+    rotation: str = "none"  # none | hadamard | quarot | quarot+hadamard
     rotation_seed: int = 0
     equalization: str = "none"  # none | smoothquant
     smoothquant_alpha: float = 0.3
@@ -136,6 +136,7 @@ class EvalConfig:
     batch_size: int = 1
     bos: bool = True  # BOS at the start of every brevitas window
     float_baseline: bool = True  # also evaluate (once per key) the unquantized model
+    after_preprocess: bool = False  # also evaluate the float model after the transforms (ppl_preprocessed/...)
 
 
 @dataclass
@@ -187,8 +188,8 @@ def register_configs() -> None:
 # validation (no model, no data: everything here is cheap)
 
 SUPPORTED_W_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8, 16)
-SUPPORTED_ROTATIONS = ("none",)  # hadamard / quarot arrive with qbench.transforms
-SUPPORTED_EQUALIZATION = ("none",)
+SUPPORTED_ROTATIONS = ("none", "hadamard", "quarot", "quarot+hadamard")
+SUPPORTED_EQUALIZATION = ("none", "smoothquant")
 SUPPORTED_STREAMS = ("quantized", "dual")
 SUPPORTED_PROTOCOLS = ("gptq", "brevitas")
 SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4")
@@ -222,10 +223,12 @@ def validate(cfg: Config | DictConfig) -> None:
     if "block_size" in a and a.block_size is not None:
         _check(a.block_size > 0, f"algorithm.block_size={a.block_size} must be a positive integer or null")
     _check(p.rotation in SUPPORTED_ROTATIONS,
-           f"preprocess.rotation={p.rotation!r} is not available yet; supported: {list(SUPPORTED_ROTATIONS)}")
+           f"preprocess.rotation={p.rotation!r} is unknown; supported: {list(SUPPORTED_ROTATIONS)}")
     _check(p.equalization in SUPPORTED_EQUALIZATION,
-           f"preprocess.equalization={p.equalization!r} is not available yet; supported: {list(SUPPORTED_EQUALIZATION)}")
-    _check(not p.magr, "preprocess.magr=true is not available yet; use preprocess=none")
+           f"preprocess.equalization={p.equalization!r} is unknown; supported: {list(SUPPORTED_EQUALIZATION)}")
+    _check(0.0 < p.smoothquant_alpha < 1.0,
+           f"preprocess.smoothquant_alpha={p.smoothquant_alpha} must be in (0, 1) (paper: 0.3, SmoothQuant: 0.5)")
+    _check(p.magr_alpha >= 0, f"preprocess.magr_alpha={p.magr_alpha} must be >= 0 (paper: 0.01)")
     _check(d.source in SUPPORTED_SOURCES, f"data.source={d.source!r} is unknown; choose one of {list(SUPPORTED_SOURCES)}")
     _check(d.nsamples > 0, f"data.nsamples={d.nsamples} must be positive")
     _check(d.seqlen > 1, f"data.seqlen={d.seqlen} must be at least 2")

@@ -67,6 +67,8 @@ def test_paper_defaults_of_the_algorithms():
     ("model.path=/nonexistent", "model.path='/nonexistent' does not exist"),
     ("device=tpu", "device='tpu'"),
     ("algorithm.name=nope", "algorithm.name='nope' is unknown"),
+    ("preprocess.rotation=spin", "preprocess.rotation='spin' is unknown"),
+    ("preprocess.smoothquant_alpha=1.5", "preprocess.smoothquant_alpha=1.5"),
 ])
 def test_impossible_settings_fail_in_one_line(override, message):
     cfg = make(override)
