@@ -295,3 +295,116 @@ def summarize(reports: list[LayerReport]) -> dict:
         "dead_inputs": sum(r.dead_inputs for r in reports),
         "solve_time_s": sum(r.solve_s for r in reports),
     }
+
+
+# ---- statistics for preprocessing transforms
+
+
+def _linear_wanted(full_name: str, rel_name: str, names_filter) -> bool:
+    """`names_filter`: None (every Linear), a callable on the full name, or a collection of full or
+    block-relative names (e.g. "model.layers.3.self_attn.o_proj" or "self_attn.o_proj")."""
+    if names_filter is None:
+        return True
+    if callable(names_filter):
+        return bool(names_filter(full_name))
+    return full_name in names_filter or rel_name in names_filter
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, calibration_ids: Tensor, names_filter=None, batch_size: int = 4,
+                 device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Per-input-channel max |x| over the calibration tokens of every Linear inside the decoder blocks.
+
+    Keyed by the Linear's full module name ("model.layers.3.self_attn.o_proj"); tensors of length in_features
+    on the host, float32 (float64 for a float64 model). Runs the model block by block, one block on `device` at a time, each block fed
+    the previous block's output (the model as it is: call before a transform changes it). Stops after the
+    last block that holds a wanted Linear.
+    """
+    device = torch.device(device)
+    prefix = {id(m): n for n, m in model.named_modules()}
+    blocks = decoder_blocks(model)
+    wanted: list[list[tuple[str, nn.Linear]]] = []
+    for block in blocks:
+        base = prefix[id(block)]
+        wanted.append([(f"{base}.{rel}", module) for rel, module in block.named_modules()
+                       if isinstance(module, nn.Linear) and _linear_wanted(f"{base}.{rel}", rel, names_filter)])
+    last = max((i for i, w in enumerate(wanted) if w), default=-1)
+    stats: dict[str, Tensor] = {}
+    if last < 0:
+        return stats
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
+            if amax.dtype not in (torch.float32, torch.float64):
+                amax = amax.float()
+            stats[name] = amax if name not in stats else torch.maximum(stats[name], amax)
+
+        return hook
+
+    hidden, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
+    for i, block in enumerate(blocks[:last + 1]):
+        block.to(device)
+        handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in wanted[i]]
+        try:
+            hidden = [_block_output(block, x, kw) for x, kw in zip(hidden, kwargs)]
+        finally:
+            for handle in handles:
+                handle.remove()
+            block.to("cpu")
+    return {name: value.to("cpu") for name, value in stats.items()}
+
+
+@torch.no_grad()
+def apply_magr(model: nn.Module, calibration_ids: Tensor, alpha: float, batch_size: int = 4,
+               device: str | torch.device = "cpu", iters: int | None = None, progress: bool = False) -> list[dict]:
+    """MagR (qbench.transforms.magr) on every Linear inside the decoder blocks, in place, true-sequentially.
+
+    Block by block on the float model (one block on `device` at a time): for each sub-layer group (q/k/v,
+    o, gate/up, down) H = XXᵀ/m of the group's input is measured with the earlier groups of the block already
+    MagR'd, the group's stacked weights are reduced (rows are independent given H), and the block's output
+    (of the MagR'd block) feeds the next block. H is accumulated in float32 (float64 for a float64 model).
+    (Brevitas's LLM example instead measures every H in one forward of the untouched model.)
+    Returns one dict per Linear: block, name, rel_output_change = sqrt(tr(DHDᵀ)/tr(WHWᵀ)) with D = W − W'
+    on this layer's calibration input, max_abs_before, max_abs_after, solve_s.
+    """
+    from qbench.transforms.magr import DEFAULT_ITERS, magr
+
+    iters = DEFAULT_ITERS if iters is None else iters
+    device = torch.device(device)
+    reports: list[dict] = []
+    hidden, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
+    for i, block in enumerate(tqdm(decoder_blocks(model), desc="MagR blocks", disable=not progress)):
+        block.to(device)
+        for group in linear_groups(block):
+            first = group[0][1]
+            acc = torch.float64 if first.weight.dtype == torch.float64 else torch.float32
+            n = first.in_features
+            H = torch.zeros(n, n, dtype=acc, device=device)
+            m = 0
+            for b in range(len(hidden)):
+                X = _capture_input(block, first, hidden[b], kwargs[b]).to(acc)
+                H.addmm_(X.T, X)
+                m += X.shape[0]
+            H /= max(m, 1)
+            Ws = [layer.weight.data.to(acc) for _, layer in group]
+            W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+            start = time.perf_counter()
+            Wp = magr(W, H, alpha, iters=iters)
+            solve_s = time.perf_counter() - start
+            row = 0
+            for (name, layer), W_i in zip(group, Ws):
+                Wp_i = Wp[row:row + W_i.shape[0]]
+                row += W_i.shape[0]
+                D = W_i - Wp_i
+                num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0)
+                den = torch.einsum("ij,jk,ik->", W_i, H, W_i).clamp(min=1e-30)
+                reports.append({"block": i, "name": name, "rel_output_change": float((num / den).sqrt()),
+                                "max_abs_before": float(W_i.abs().max()),
+                                "max_abs_after": float(Wp_i.abs().max()),
+                                "solve_s": solve_s * W_i.shape[0] / W.shape[0]})
+                layer.weight.data.copy_(Wp_i.to(layer.weight.dtype))
+        hidden = [_block_output(block, hidden[b], kwargs[b]) for b in range(len(hidden))]
+        block.to("cpu")
+    return reports

@@ -67,3 +67,19 @@ def test_experiment_preset_runs_its_sweep(tmp_path):
     rows = [json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json")]
     runs = sorted((r["algorithm"], r["w_bits"]) for r in rows if r["algorithm"] != "float")
     assert runs == sorted((a, b) for a in ("rtn", "optq", "gpfq", "qronos") for b in (3.0, 4.0))
+
+
+def test_every_preprocess_preset_runs_and_exact_ones_keep_the_float_model(tmp_path):
+    presets = "none,hadamard,quarot,smoothquant,magr,hadamard_magr,quarot_smoothquant"
+    proc, _ = qbench("-m", *TINY, "algorithm=qronos", f"preprocess={presets}", "eval.after_preprocess=true",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["preprocess"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json"))
+            if r["algorithm"] != "float"}
+    assert set(rows) == set(presets.split(","))
+    float_ppl = next(json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json")
+                     if json.loads(p.read_text())["algorithm"] == "float")["ppl/enwiki-excerpt/gptq"]
+    for name in ("hadamard", "quarot", "smoothquant", "quarot_smoothquant"):  # exact in float
+        assert rows[name]["ppl_preprocessed/enwiki-excerpt/gptq"] == pytest.approx(float_ppl, rel=1e-4)
+    for name in ("magr", "hadamard_magr"):  # MagR trades a small output change for smaller weights
+        assert rows[name]["magr_mean_rel_output_change"] > 0
