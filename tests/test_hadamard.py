@@ -25,13 +25,7 @@ SUPPORTED = sorted({K << k for K in FACTORS for k in range(MAX_N.bit_length()) i
 LLAMA_SIZES = [64, 128, 576, 1536, 2048, 3072, 4096, 8192, 11008, 14336]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small ops: one intra-op thread avoids OpenMP barrier stalls on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense_ref(x: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:

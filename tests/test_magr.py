@@ -21,13 +21,7 @@ from qbench.transforms.magr import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small ops: one intra-op thread avoids OpenMP barrier stalls on a shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(M=24, N=32, m=256, seed=0, rank=8, dtype=torch.float64):
