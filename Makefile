@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # the comparison qbench exists for: float, RTN, OPTQ, GPFQ and Qronos at W3 per channel (64 x 256
-# calibration tokens), and RTN at W4; about 10 minutes on a 2-core CPU
+# calibration tokens), and RTN at W4; 10-13 minutes on a 2-core CPU
 RUN_ARGS ?= -m algorithm=rtn,optq,gpfq,qronos quant=w3
 
 run: install
