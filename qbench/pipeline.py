@@ -153,6 +153,14 @@ def capture_block_inputs(model: nn.Module, input_ids: Tensor, batch_size: int,
     return hidden, kwargs
 
 
+def relative_output_change(W: Tensor, Q: Tensor, H: Tensor) -> float:
+    """‖X̃ᵀ(W − Q)ᵀ‖_F / ‖X̃ᵀWᵀ‖_F from H = X̃X̃ᵀ/m: tr(D H Dᵀ) is the squared output error per token."""
+    D = W - Q
+    num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0)
+    den = torch.einsum("ij,jk,ik->", W, H, W).clamp(min=1e-30)
+    return float((num / den).sqrt())
+
+
 def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Optional[Tensor], solver: Solver,
                  spec: GridSpec, options: dict, block: int) -> list[LayerReport]:
     """Quantize the Linears that share one input (q/k/v, gate/up) in place, as one solve.
@@ -178,12 +186,7 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
         row += W_i.shape[0]
         Q_i = Q[rows]
         D = W_i - Q_i
-        output_rel_error = None
-        if H is not None:
-            # ‖X̃ᵀDᵀ‖²/m = tr(D H Dᵀ): this layer's output error on the calibration tokens, same input
-            num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0).sqrt()
-            den = torch.einsum("ij,jk,ik->", W_i, H, W_i).clamp(min=1e-30).sqrt()
-            output_rel_error = float(num / den)
+        output_rel_error = None if H is None else relative_output_change(W_i, Q_i, H)
         layer.weight.data.copy_(Q_i.to(layer.weight.dtype))
         reports.append(LayerReport(
             block=block, name=name, out_features=W_i.shape[0], in_features=W_i.shape[1],
@@ -397,10 +400,7 @@ def apply_magr(model: nn.Module, calibration_ids: Tensor, alpha: float, batch_si
             for (name, layer), W_i in zip(group, Ws):
                 Wp_i = Wp[row:row + W_i.shape[0]]
                 row += W_i.shape[0]
-                D = W_i - Wp_i
-                num = torch.einsum("ij,jk,ik->", D, H, D).clamp(min=0)
-                den = torch.einsum("ij,jk,ik->", W_i, H, W_i).clamp(min=1e-30)
-                reports.append({"block": i, "name": name, "rel_output_change": float((num / den).sqrt()),
+                reports.append({"block": i, "name": name, "rel_output_change": relative_output_change(W_i, Wp_i, H),
                                 "max_abs_before": float(W_i.abs().max()),
                                 "max_abs_after": float(Wp_i.abs().max()),
                                 "solve_s": solve_s * W_i.shape[0] / W.shape[0]})
