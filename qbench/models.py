@@ -106,15 +106,18 @@ def tiny_model(fields: dict, seed: int = 0) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-class ByteTokenizer:
-    """Tokenizer of the tiny test models: UTF-8 bytes shifted by 2 (0 = BOS, 1 = EOS)."""
+def byte_tokenizer():
+    """Tokenizer of the tiny test models: UTF-8 bytes shifted by 2 (0 = BOS, 1 = EOS), as a Hugging Face
+    fast tokenizer so that everything that takes a real tokenizer (lm-eval's HFLM) takes it too."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    bos_token_id = 0
-    eos_token_id = 1
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        ids = [b + 2 for b in text.encode("utf-8")]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+    vocab = {"<s>": 0, "</s>": 1} | {char: byte + 2 for byte, char in bytes_to_unicode().items()}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
 
 
 def load(cfg_model, device: str = "cpu") -> LoadedModel:
@@ -124,7 +127,7 @@ def load(cfg_model, device: str = "cpu") -> LoadedModel:
     dtype = getattr(torch, cfg_model.dtype)
     if cfg_model.tiny is not None:
         model = tiny_model(dict(cfg_model.tiny)).to(dtype)
-        return LoadedModel(model, ByteTokenizer(), source=f"tiny:{cfg_model.name}")
+        return LoadedModel(model, byte_tokenizer(), source=f"tiny:{cfg_model.name}")
     note = ""
     if not cfg_model.path and cfg_model.embedded:
         source = str(ensure_embedded(cfg_model.embedded))

@@ -28,6 +28,9 @@ def qbench(*args, cwd):
     (["quant=w5bits"], "quant=w5bits is not a preset"),
     (["quant.w_group_size=-3"], "quant.w_group_size=-3"),
     (["model=llama3.2-1b"], "not in the local Hugging Face cache"),
+    (["eval.tasks=[piqaa]"], "eval.tasks contains 'piqaa', which lm-eval would load from the Hugging Face hub"),
+    (["eval=zeroshot", "eval.limit=0"], "eval.limit=0.0 must be null"),
+    (["eval=zeroshot", "eval.lm_eval_batch_size=0"], "eval.lm_eval_batch_size=0 must be positive"),
 ])
 def test_bad_input_fails_fast_in_one_line_and_writes_nothing(tmp_path, args, expected):
     proc, seconds = qbench(*args, "tracking.dir=out", cwd=tmp_path)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qbench.evaluate import first_scored, perplexity, windows_for
+from qbench.evaluate import bootstrap_ci, first_scored, perplexity, windows_for
 
 
 def direct_ppl(model, windows, start):
@@ -41,3 +41,39 @@ def test_window_layouts():
     assert first_scored("gptq", 16) == 1 and first_scored("brevitas", 16) == 8  # last half scored
     with pytest.raises(ValueError):
         windows_for("lm-eval", tokens, 16, None)
+
+
+def test_window_sums_add_up_to_the_totals(tiny_llama):
+    tokens = torch.randint(2, 258, (6 * 32,), generator=torch.Generator().manual_seed(1))
+    result = perplexity(tiny_llama, windows_for("brevitas", tokens, 32, 0), "brevitas", batch_size=4)
+    assert len(result.window_nll) == result.windows == len(result.window_tokens)
+    assert sum(result.window_tokens) == result.tokens and set(result.window_tokens) == {16}
+    assert math.exp(sum(result.window_nll) / result.tokens) == pytest.approx(result.ppl, rel=1e-12)
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_is_seeded():
+    gen = torch.Generator().manual_seed(0)
+    nll = (torch.rand(40, generator=gen, dtype=torch.float64) * 2 + 2) * 100  # mean NLL 2..4 nats per token
+    counts = [100] * 40
+    point = math.exp(nll.sum().item() / 4000)
+    low, high = bootstrap_ci(nll.tolist(), counts, iters=2000, seed=0)
+    assert low < point < high
+    assert (low, high) == bootstrap_ci(nll.tolist(), counts, iters=2000, seed=0)
+    assert (low, high) != bootstrap_ci(nll.tolist(), counts, iters=2000, seed=1)
+    # four times the windows from the same distribution: about half the width
+    wide = high - low
+    nll4 = torch.cat([nll, (torch.rand(120, generator=gen, dtype=torch.float64) * 2 + 2) * 100])
+    low4, high4 = bootstrap_ci(nll4.tolist(), [100] * 160, iters=2000, seed=0)
+    assert 0.3 < (high4 - low4) / wide < 0.8
+    # the percentiles of the resampled statistic, computed the slow way
+    rng = torch.Generator().manual_seed(0)
+    stats = sorted(math.exp(nll[idx].sum().item() / 4000) for idx in torch.randint(0, 40, (2000, 40), generator=rng))
+    assert low == pytest.approx(stats[int(0.025 * 1999)], rel=2e-3) and high == pytest.approx(stats[int(0.975 * 1999)], rel=2e-3)
+
+
+def test_bootstrap_interval_degenerate_cases():
+    assert bootstrap_ci([300.0] * 10, [100] * 10, iters=500) == pytest.approx((math.exp(3.0), math.exp(3.0)))
+    assert all(math.isnan(v) for v in bootstrap_ci([300.0], [100], iters=500))  # one window: no interval
+    assert all(math.isnan(v) for v in bootstrap_ci([1.0, 2.0], [1, 1], iters=0))
+    with pytest.raises(ValueError):
+        bootstrap_ci([1.0, 2.0], [1], iters=10)
