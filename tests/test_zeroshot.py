@@ -145,3 +145,27 @@ def test_response_cache_is_per_key_and_a_forced_rerun_starts_fresh(tmp_path, mon
     db.write_text("x")
     drop_response_cache(a)
     assert not db.exists()
+
+
+def test_task_names_are_checked_before_the_model_loads(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from qbench.cli import zeroshot_settings
+    from qbench.config import ConfigError, EvalConfig, _validate_tasks
+
+    def cfg(**fields):
+        return OmegaConf.create({"eval": OmegaConf.structured(EvalConfig(name="t", **fields))})
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="'mmlu', which lm-eval would load from the Hugging Face hub"):
+        _validate_tasks(cfg(tasks=["piqa", "mmlu"]).eval)
+    with pytest.raises(ConfigError, match="with eval.offline_tasks=true"):
+        _validate_tasks(cfg(tasks=["piqa"], offline_tasks=False).eval)
+    assert zeroshot_settings(cfg(tasks=[])) is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    _validate_tasks(cfg(tasks=["piqa", "no_such_task"]).eval)  # the hub may serve it: lm-eval's index decides
+    with pytest.raises(ConfigError, match="'no_such_task', unknown to lm-eval"):
+        zeroshot_settings(cfg(tasks=["piqa", "no_such_task"]))
+    ok = zeroshot_settings(cfg(tasks=["piqa", "mmlu"], limit=0.5))
+    assert ok.tasks == ("piqa", "mmlu") and ok.include_path == str(tasks.ensure_tasks()) and ok.limit == 0.5
