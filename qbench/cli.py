@@ -190,23 +190,20 @@ def zeroshot_columns(settings) -> dict:
             "zeroshot_batch_size": settings.batch_size, "zeroshot_max_length": settings.max_length}
 
 
-def response_cache(key: str, fresh: bool) -> Path:
+def response_cache(key: str) -> Path:
     """Path prefix of lm-eval's response database for the model measured under run key `key`.
 
-    lm-eval keys cached answers by request text only, so the database must belong to one model: one
-    per run key (the float baseline has its own). `fresh` (a forced rerun) drops earlier answers.
+    lm-eval keys cached answers by request text only, so a database must belong to one model: one per
+    run key (the float baseline has its own key).
     """
     from qbench.models import cache_dir
 
-    prefix = cache_dir() / "lm-eval-responses" / key
-    if fresh:
-        for db in prefix.parent.glob(f"{key}_rank*.db"):
-            db.unlink()
-    return prefix
+    return cache_dir() / "lm-eval-responses" / key
 
 
-def drop_response_cache(prefix: Path) -> None:
-    """Once the row is written the answers are never needed again (a finished key is skipped)."""
+def drop_response_cache(key: str) -> None:
+    """Delete the answers cached under `key` (lm-eval appends _rank<N>.db to the prefix)."""
+    prefix = response_cache(key)
     for db in prefix.parent.glob(f"{prefix.name}_rank*.db"):
         db.unlink()
 
@@ -215,7 +212,9 @@ def zeroshot_all(model, tokenizer, settings, cfg, device, key: str) -> dict:
     """The configured lm-eval tasks on the model as it is now; columns for the results row."""
     from qbench import evaluate
 
-    cache = response_cache(key, fresh=bool(cfg.tracking.force)) if cfg.eval.cache_responses else None
+    if cfg.tracking.force:  # a forced rerun never reuses answers (the code may have changed)
+        drop_response_cache(key)
+    cache = response_cache(key) if cfg.eval.cache_responses else None
     model.to(device)
     start = time.perf_counter()
     try:
@@ -340,8 +339,7 @@ def run(cfg) -> None:
                        status="ok", **metrics, **peak_memory_mb(device))
             row["config"] = {k: resolved[k] for k in ("model", "eval", "seed", "device")}
             table.write(row)
-            if zeroshot is not None:
-                drop_response_cache(response_cache(fkey, fresh=False))
+            drop_response_cache(fkey)  # a finished key is skipped: its answers are never needed again
             _log_run(cfg, row["config"], row, [], name=f"{cfg.model.name}-float")
             _report(row)
 
@@ -371,8 +369,7 @@ def run(cfg) -> None:
     telemetry = pipeline.reports_as_rows(reports)
     row["telemetry"] = telemetry
     table.write(row)  # the row first: a W&B failure must never lose it
-    if zeroshot is not None:
-        drop_response_cache(response_cache(key, fresh=False))
+    drop_response_cache(key)
     _log_run(cfg, resolved, row, telemetry, name=f"{cfg.model.name}-{cfg.quant.name}-{cfg.algorithm.name}")
     _report(row)
 

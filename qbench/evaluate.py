@@ -13,6 +13,7 @@ own task definitions (offline: the same definitions on local data, see qbench.ta
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -124,6 +125,22 @@ class ZeroShotSettings:
     include_path: Optional[str] = None
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """simple_evaluate seeds Python's, NumPy's and torch's global generators; give the caller its own back."""
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 @functools.lru_cache(maxsize=4)
 def task_manager(include_path: Optional[str]):
     """lm-eval's task index (it scans every built-in YAML: seconds), built once per process."""
@@ -146,11 +163,12 @@ def zeroshot(model: nn.Module, tokenizer: Any, settings: ZeroShotSettings, cache
     limit = settings.limit
     if limit is not None and limit >= 1:
         limit = int(limit)
-    results = simple_evaluate(
-        model=lm, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=limit,
-        use_cache=cache, task_manager=task_manager(settings.include_path),
-        fewshot_as_multiturn=settings.fewshot_as_multiturn, apply_chat_template=False,
-        bootstrap_iters=settings.bootstrap_iters, log_samples=False)
+    with preserved_rng():
+        results = simple_evaluate(
+            model=lm, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot, limit=limit,
+            use_cache=cache, task_manager=task_manager(settings.include_path),
+            fewshot_as_multiturn=settings.fewshot_as_multiturn, apply_chat_template=False,
+            bootstrap_iters=settings.bootstrap_iters, log_samples=False)
     if results is None:
         raise RuntimeError("lm-eval returned no results (not rank 0)")
     return results
