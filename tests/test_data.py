@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qbench import data
-from qbench.models import ByteTokenizer
+from qbench.models import byte_tokenizer
 
 
 def test_split_is_a_stable_function_of_the_title():
@@ -51,4 +51,4 @@ def test_hub_datasets_fail_with_one_line_offline(monkeypatch):
 
 
 def test_byte_tokenizer_round_numbers():
-    assert data.tokenize(ByteTokenizer(), "ab").tolist() == [99, 100]
+    assert data.tokenize(byte_tokenizer(), "ab").tolist() == [99, 100]
