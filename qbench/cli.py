@@ -167,18 +167,22 @@ def preprocess(model, cfg, calibration, device) -> dict:
 
 
 def base_row(cfg, resolved: dict, key: str, loaded, n_params: int) -> dict:
+    from qbench.config import solver_options
     from qbench.tracking import git_sha, qbench_version
 
     q, a, d = cfg.quant, cfg.algorithm, cfg.data
+    options = solver_options(cfg)
     return {
         "run_key": key, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "qbench_version": qbench_version(), "git_sha": git_sha(),
         "model": cfg.model.name, "model_source": loaded.source, "model_note": loaded.note, "params": n_params,
         "algorithm": a.name, "backend": "qbench", "w_bits": float(q.w_bits), "w_group_size": int(q.w_group_size),
         "w_sym": bool(q.w_sym), "w_scale": q.w_scale, "w_shrink": float(q.w_shrink),
-        "a_bits": int(q.a_bits), "kv_bits": int(q.kv_bits), "quant": q.name, "preprocess": cfg.preprocess.name,
+        "w_format": q.w_format, "a_bits": int(q.a_bits), "a_format": q.a_format, "a_sym": bool(q.a_sym),
+        "kv_bits": int(q.kv_bits), "kv_sym": bool(q.kv_sym), "kv_group_size": int(q.kv_group_size),
+        "quant": q.name, "preprocess": cfg.preprocess.name,
         "act_order": bool(a.get("act_order", False)),
-        "damping": a.get("percdamp", a.get("alpha")),
+        "damping": options.get("percdamp", options.get("alpha")),
         "calib_set": d.source, "calib_nsamples": int(d.nsamples), "calib_seqlen": int(d.seqlen),
         "calib_seed": int(d.seed), "calib_stream": cfg.calibration.stream,
         "eval_seqlen": int(cfg.eval.seqlen), "eval_max_tokens": cfg.eval.max_tokens,
@@ -190,10 +194,10 @@ def run(cfg) -> None:
     """One configuration, end to end."""
     import torch
 
-    from qbench import data, models, pipeline, tracking
+    from qbench import data, fakequant, models, pipeline, tracking
     from qbench.algorithms import REGISTRY
-    from qbench.config import ConfigError, resolved_dict
-    from qbench.quantizers import spec_from_config
+    from qbench.config import ConfigError, resolved_dict, solver_options
+    from qbench.quantizers import activation_spec, kv_spec, spec_from_config
 
     resolved = tracking.scrub(resolved_dict(cfg))
     key = tracking.run_key(resolved)
@@ -216,6 +220,10 @@ def run(cfg) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ConfigError(f"the loaded weights of {cfg.model.name} hold NaN or Inf (in {name})")
+    try:
+        fakequant.check_fits(model, activation_spec(cfg.quant), kv_spec(cfg.quant))
+    except ValueError as exc:  # a grid that does not fit this model's shapes
+        raise ConfigError(str(exc)) from exc
     windows = evaluation_windows(cfg, tokenizer)
     calibration = None
     p = cfg.preprocess
@@ -235,6 +243,7 @@ def run(cfg) -> None:
             metrics = evaluate_all(model, windows, cfg, device)
             row = base_row(cfg, resolved, fkey, loaded, n_params)
             row.update(algorithm="float", w_bits=16.0, w_group_size=-1, quant="float", preprocess="none",
+                       w_format="float", a_bits=16, a_format="float", kv_bits=16,
                        act_order=False, damping=None, calib_set=None, calib_nsamples=0, calib_seqlen=0,
                        calib_stream=None, quant_time_s=0.0, eval_time_s=time.perf_counter() - t0,
                        status="ok", **metrics, **peak_memory_mb(device))
@@ -249,12 +258,16 @@ def run(cfg) -> None:
             if name.startswith("ppl/"):
                 preprocess_report[name.replace("ppl/", "ppl_preprocessed/", 1)] = value
 
+    # activation and KV quantizers go in before calibration: X̃, H and G then include their error
+    r3_seed = p.rotation_seed if "quarot" in p.rotation else None
+    preprocess_report.update(fakequant.attach(model, activation_spec(cfg.quant), kv_spec(cfg.quant), r3_seed))
     t0 = time.perf_counter()
     reports, budget = [], None
     if float(cfg.quant.w_bits) < 16:
         reports, budget = pipeline.quantize_model(
             model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
-            batch_size=cfg.calibration.batch_size, device=device, float_cache_gb=cfg.calibration.float_cache_gb)
+            batch_size=cfg.calibration.batch_size, device=device, float_cache_gb=cfg.calibration.float_cache_gb,
+            options=solver_options(cfg))
     quant_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = evaluate_all(model, windows, cfg, device)

@@ -42,10 +42,13 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    """Weight (and, in later presets, activation / KV) grids.
+    """Weight grids (fixed from the float weights) and dynamic activation / KV-cache quantization.
 
     w_bits: 2..8 or 1.58 (ternary levels {-1, 0, 1}); 16 leaves weights in float.
     w_group_size: -1 per output channel, else columns per group along the input dimension.
+    w_format / a_format: int, or mxfp4 (OCP MX: E2M1 values, blocks of 32, power-of-two scales; 4 bits).
+    a_bits: 4 or 8 quantizes the input of every Linear inside the decoder blocks per token; 16 = off.
+    kv_bits: 4 or 8 quantizes keys (after RoPE) and values per token and head; 16 = off.
     """
 
     name: str = MISSING
@@ -54,8 +57,16 @@ class QuantConfig:
     w_group_size: int = -1
     w_scale: str = "minmax"  # minmax | mse
     w_shrink: float = 1.0  # multiplies the min-max range (paper: 0.8 at 2 and 1.58 bits)
+    w_format: str = "int"  # int | mxfp4
     a_bits: int = 16
+    a_format: str = "int"  # int | mxfp4
+    a_sym: bool = False  # per-token asymmetric by default
+    a_group_size: int = -1  # -1: one scale per token; else per group of input features
+    a_clip_ratio: float = 1.0  # scales each token's range before its scale is taken
     kv_bits: int = 16
+    kv_sym: bool = False
+    kv_group_size: int = -1  # -1: one scale per token and head; else per group within head_dim
+    kv_clip_ratio: float = 1.0
     quantize_lm_head: bool = False
 
 
@@ -88,7 +99,7 @@ class GPFQConfig(AlgorithmConfig):
 @dataclass
 class QronosConfig(AlgorithmConfig):
     name: str = "qronos"
-    alpha: float = 1e-6  # λ = alpha · σ_max(H)
+    alpha: Optional[float] = None  # λ = alpha · σ_max(H); null: 1e-6 weight-only, 1e-3 with a_bits < 16
     act_order: bool = True
     block_size: Optional[int] = None
 
@@ -188,6 +199,8 @@ def register_configs() -> None:
 # validation (no model, no data: everything here is cheap)
 
 SUPPORTED_W_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8, 16)
+SUPPORTED_FORMATS = ("int", "mxfp4")
+SUPPORTED_DYNAMIC_BITS = (4, 8, 16)
 SUPPORTED_ROTATIONS = ("none", "hadamard", "quarot", "quarot+hadamard")
 SUPPORTED_EQUALIZATION = ("none", "smoothquant")
 SUPPORTED_STREAMS = ("quantized", "dual")
@@ -212,8 +225,7 @@ def validate(cfg: Config | DictConfig) -> None:
            f"quant.w_group_size={q.w_group_size} must be -1 (per-channel) or a positive group size")
     _check(q.w_scale in ("minmax", "mse"), f"quant.w_scale={q.w_scale!r} must be 'minmax' or 'mse'")
     _check(0.0 < q.w_shrink <= 1.0, f"quant.w_shrink={q.w_shrink} must be in (0, 1]")
-    _check(q.a_bits == 16, f"quant.a_bits={q.a_bits}: activation quantization is not implemented yet; use 16")
-    _check(q.kv_bits == 16, f"quant.kv_bits={q.kv_bits}: KV-cache quantization is not implemented yet; use 16")
+    _validate_formats(q)
     if math.isclose(float(q.w_bits), 1.58):
         _check(q.w_sym, "quant.w_bits=1.58 uses the symmetric levels {-1, 0, 1}; set quant.w_sym=true")
     _check(a.name in REGISTRY, f"algorithm.name={a.name!r} is unknown; choose one of {sorted(REGISTRY)}")
@@ -255,6 +267,28 @@ def validate(cfg: Config | DictConfig) -> None:
     _validate_model_source(cfg.model)
 
 
+def _validate_formats(q: QuantConfig | DictConfig) -> None:
+    """Weight format, activation and KV-cache settings that have a grid."""
+    _check(q.w_format in SUPPORTED_FORMATS, f"quant.w_format={q.w_format!r} must be one of {list(SUPPORTED_FORMATS)}")
+    if q.w_format == "mxfp4":
+        _check(float(q.w_bits) == 4, f"quant.w_format=mxfp4 has 4-bit elements; set quant.w_bits=4 (got {q.w_bits})")
+        _check(q.w_group_size in (-1, 32), f"quant.w_format=mxfp4 uses blocks of 32; set quant.w_group_size=32 "
+               f"(got {q.w_group_size})")
+    _check(q.a_bits in SUPPORTED_DYNAMIC_BITS,
+           f"quant.a_bits={q.a_bits} has no activation grid; use one of {list(SUPPORTED_DYNAMIC_BITS)} (16 = float)")
+    _check(q.a_format in SUPPORTED_FORMATS, f"quant.a_format={q.a_format!r} must be one of {list(SUPPORTED_FORMATS)}")
+    if q.a_format == "mxfp4":
+        _check(q.a_bits in (4, 16), f"quant.a_format=mxfp4 has 4-bit elements; set quant.a_bits=4 (got {q.a_bits})")
+    _check(q.a_group_size == -1 or q.a_group_size > 0,
+           f"quant.a_group_size={q.a_group_size} must be -1 (per token) or a positive group size")
+    _check(q.kv_bits in SUPPORTED_DYNAMIC_BITS,
+           f"quant.kv_bits={q.kv_bits} has no KV-cache grid; use one of {list(SUPPORTED_DYNAMIC_BITS)} (16 = float)")
+    _check(q.kv_group_size == -1 or q.kv_group_size > 0,
+           f"quant.kv_group_size={q.kv_group_size} must be -1 (per token and head) or a positive group size")
+    for field in ("a_clip_ratio", "kv_clip_ratio"):
+        _check(0.0 < getattr(q, field) <= 1.0, f"quant.{field}={getattr(q, field)} must be in (0, 1]")
+
+
 def _validate_model_source(m: ModelConfig | DictConfig) -> None:
     """A local path must exist; a hub id must be cached when the hub is unreachable (offline)."""
     if m.tiny is not None or (not m.path and m.embedded):
@@ -274,6 +308,21 @@ def _validate_model_source(m: ModelConfig | DictConfig) -> None:
         _check(isinstance(cached, str),
                f"model.path={m.path!r} is a hub id that is not in the local Hugging Face cache and "
                "HF_HUB_OFFLINE=1; download it first or give a local folder")
+
+
+QRONOS_ALPHA_WEIGHT_ONLY = 1e-6
+QRONOS_ALPHA_ACTIVATIONS = 1e-3
+
+
+def solver_options(cfg: Config | DictConfig) -> dict:
+    """The solver's keyword options: the algorithm config minus its name, defaults resolved.
+
+    Qronos's alpha left null takes the paper's value for the setting: 1e-6 weight-only, 1e-3 when
+    activations are quantized (design.md §4)."""
+    options = {k: v for k, v in dict(cfg.algorithm).items() if k != "name"}
+    if "alpha" in options and options["alpha"] is None:
+        options["alpha"] = QRONOS_ALPHA_ACTIVATIONS if cfg.quant.a_bits < 16 else QRONOS_ALPHA_WEIGHT_ONLY
+    return options
 
 
 def resolved_dict(cfg: Any) -> dict:

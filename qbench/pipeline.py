@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qbench import fakequant
 from qbench.algorithms import REGISTRY, Solver
 from qbench.models import decoder_blocks, linear_groups
-from qbench.quantizers import Grid, GridSpec, build_grid
+from qbench.quantizers import GridSpec, build_grid
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,9 @@ class Budget:
 
 
 def solver_options(cfg_algorithm) -> dict:
-    """The solver's keyword options: the algorithm config minus its name."""
-    return {k: v for k, v in dict(cfg_algorithm).items() if k != "name"}
+    """The solver's keyword options: the algorithm config minus its name; null fields take the solver's
+    default (qbench.config.solver_options resolves them from the whole config instead)."""
+    return {k: v for k, v in dict(cfg_algorithm).items() if k != "name" and v is not None}
 
 
 def _capture_input(block: nn.Module, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
@@ -171,9 +173,7 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
     Ws = [layer.weight.data.to(torch.float32) for _, layer in group]
     grids = [build_grid(W, spec) for W in Ws]  # scales fixed per layer from its own float weights
     W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
-    grid = grids[0] if len(grids) == 1 else Grid(
-        scale=torch.cat([g.scale for g in grids]), zero=torch.cat([g.zero for g in grids]),
-        qmin=grids[0].qmin, qmax=grids[0].qmax, group_size=grids[0].group_size)
+    grid = grids[0] if len(grids) == 1 else type(grids[0]).cat(grids)
     info: dict = {}
     start = time.perf_counter()
     Q = solver.quantize(W, H, G, grid, info=info, **options)
@@ -199,15 +199,19 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
 @torch.no_grad()
 def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids: Optional[Tensor],
                    stream: str = "quantized", batch_size: int = 4, device: str | torch.device = "cpu",
-                   progress: bool = True, float_cache_gb: float = 4.0) -> tuple[list[LayerReport], Budget]:
+                   progress: bool = True, float_cache_gb: float = 4.0,
+                   options: Optional[dict] = None) -> tuple[list[LayerReport], Budget]:
     """Replace every Linear weight inside the decoder blocks by its quantized value, block by block.
 
+    `options` are the solver's keyword options (default: from `algorithm`). Activation and KV quantizers
+    attached to the model (qbench.fakequant) stay on in the quantized stream, so X̃ includes their error,
+    and are switched off in the float reference copy of each block, so X does not.
     `float_cache_gb` bounds the memory that keeps the float inputs X of a block's sub-layer groups from
     one float pass; above it, X is recomputed group by group (more forward passes, same numbers).
     """
     device = torch.device(device)
     solver = REGISTRY[algorithm.name]
-    options = solver_options(algorithm)
+    options = solver_options(algorithm) if options is None else options
     blocks = decoder_blocks(model)
     reports: list[LayerReport] = []
     budget = Budget()
@@ -230,6 +234,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
         float_block, float_layers, float_inputs = None, {}, None
         if solver.needs_G:
             float_block = copy.deepcopy(block)
+            fakequant.set_enabled(float_block, False)
             float_layers = dict(float_block.named_modules())
             firsts = [group[0][0] for group in groups]
             cache_bytes = 4 * budget.tokens * sum(group[0][1].in_features for group in groups)

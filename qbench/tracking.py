@@ -99,10 +99,15 @@ class ResultsTable:
         self.rows_dir = self.dir / "rows"
 
     def check_writable(self) -> None:
-        """Fail before any heavy work when the table cannot be written."""
+        """Fail before any heavy work when the table cannot be written; creates nothing (a run that fails
+        later must not leave an empty results folder behind): probes the deepest folder that exists."""
+        existing = self.rows_dir
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
         try:
-            self.rows_dir.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=self.rows_dir, prefix=".probe-")
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "not a directory")
+            fd, probe = tempfile.mkstemp(dir=existing, prefix=".qbench-probe-")
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:

@@ -28,13 +28,17 @@ def qbench(*args, cwd):
     (["quant=w5bits"], "quant=w5bits is not a preset"),
     (["quant.w_group_size=-3"], "quant.w_group_size=-3"),
     (["model=llama3.2-1b"], "not in the local Hugging Face cache"),
+    (["quant.a_bits=3"], "quant.a_bits=3 has no activation grid"),
+    (["model=tiny-llama", "eval.seqlen=128", "quant=w4a4", "quant.a_group_size=48"],
+     "quant.a_group_size of 48 do not divide the 64 input features of self_attn.q_proj"),
 ])
 def test_bad_input_fails_fast_in_one_line_and_writes_nothing(tmp_path, args, expected):
     proc, seconds = qbench(*args, "tracking.dir=out", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], proc.stderr
-    assert seconds < 5, f"took {seconds:.1f} s"
+    limit = 20 if "model=tiny-llama" in args else 5  # found once the (tiny) model is built, or before any load
+    assert seconds < limit, f"took {seconds:.1f} s"
     assert list(tmp_path.iterdir()) == []  # no results dir, no outputs/, no logs
 
 
@@ -83,3 +87,18 @@ def test_every_preprocess_preset_runs_and_exact_ones_keep_the_float_model(tmp_pa
         assert rows[name]["ppl_preprocessed/enwiki-excerpt/gptq"] == pytest.approx(float_ppl, rel=1e-4)
     for name in ("magr", "hadamard_magr"):  # MagR trades a small output change for smaller weights
         assert rows[name]["magr_mean_rel_output_change"] > 0
+
+
+def test_activation_and_kv_presets_run_with_quarot(tmp_path):
+    proc, _ = qbench("-m", *TINY, "algorithm=qronos", "preprocess=quarot", "quant=w4a4,w4a4_mxfp4,w16a16kv4",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["quant"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "results" / "rows").glob("*.json"))}
+    assert rows["float"]["a_bits"] == 16 and rows["float"]["kv_bits"] == 16
+    w4a4, mx, kv4 = rows["w4a4"], rows["w4a4_mxfp4"], rows["w16a16kv4"]
+    assert (w4a4["a_bits"], w4a4["w_format"], w4a4["damping"]) == (4, "int", 1e-3)  # the paper's W4A4 alpha
+    assert (mx["a_format"], mx["w_format"], mx["w_group_size"]) == ("mxfp4", "mxfp4", 32)
+    assert w4a4["activation_quantizers"] == mx["activation_quantizers"] == 14
+    assert kv4["kv_bits"] == 4 and kv4["kv_r3"] is True and "layers_quantized" not in kv4  # float weights
+    for row in (w4a4, mx, kv4):
+        assert row["ppl/enwiki-excerpt/gptq"] > rows["float"]["ppl/enwiki-excerpt/gptq"] * 0.99
