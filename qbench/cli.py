@@ -31,9 +31,21 @@ class UsageError(Exception):
     """Bad input detected before heavy work: printed as one line, exit status 2."""
 
 
-def fail(message: str) -> None:
+class RunFailed(Exception):
+    """A numerical failure during quantization or evaluation, recorded as a failed row: exit status 3
+    (in a multirun the sweep goes on with its other jobs)."""
+
+
+def fail(message: str, status: int = 2) -> None:
     print(f"qbench: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -71,6 +83,10 @@ def _hydra_main(cfg) -> None:
         run(cfg)
     except (ConfigError, DataError, UsageError, PermissionError, FileNotFoundError) as exc:
         fail(str(exc))
+    except RunFailed as exc:
+        if not _in_multirun():
+            fail(str(exc), status=3)
+        log.error("%s", exc)
 
 
 _hydra_entry = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_hydra_main)
@@ -106,7 +122,7 @@ def evaluation_windows(cfg, tokenizer) -> dict:
     bos = getattr(tokenizer, "bos_token_id", None) if cfg.eval.bos else None
     for dataset in cfg.eval.datasets:
         for protocol in cfg.eval.protocols:
-            text = data.load_text(dataset, evaluate.PROTOCOL_SPLIT[protocol])
+            text = data.load_text(dataset, evaluate.PROTOCOL_SPLIT[protocol], cfg.data.path)
             if protocol == "gptq":  # GPTQ tokenizes the split with the tokenizer's defaults
                 tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
             else:
@@ -122,7 +138,7 @@ def evaluation_windows(cfg, tokenizer) -> dict:
 
 
 def evaluate_all(model, windows: dict, cfg, device) -> dict:
-    from qbench import evaluate
+    from qbench import evaluate, faults
 
     metrics = {}
     model.to(device)
@@ -133,6 +149,7 @@ def evaluate_all(model, windows: dict, cfg, device) -> dict:
                 raise FloatingPointError(f"perplexity on {dataset}/{protocol} is not finite")
             metrics[f"ppl/{dataset}/{protocol}"] = result.ppl
             metrics[f"ppl_tokens/{dataset}/{protocol}"] = result.tokens
+            faults.failpoint("evaluation")
     finally:
         model.to("cpu")
     return metrics
@@ -164,6 +181,45 @@ def preprocess(model, cfg, calibration, device) -> dict:
         report["preprocess_magr_s"] = time.perf_counter() - start
         report["magr_mean_rel_output_change"] = sum(r["rel_output_change"] for r in layers) / max(len(layers), 1)
     return report
+
+
+def determinism(device) -> dict:
+    """What the bitwise reproducibility of this row rests on. On CPU, the same config, seed and thread count
+    give identical weights and metrics; CUDA kernels (split-K GEMMs, SDPA, atomics) may not."""
+    import torch
+
+    row = {"torch_threads": torch.get_num_threads(), "deterministic": device.type == "cpu"}
+    if device.type != "cpu":
+        row["nondeterminism"] = f"{device.type} kernels may reduce in a different order run to run"
+    return row
+
+
+def check_model(model, cfg) -> None:
+    """Everything about the loaded model that makes the config impossible, in one line, before any work:
+    architecture, group sizes, Hadamard sizes, activation/KV group sizes, NaN or Inf in the weights."""
+    import torch
+
+    from qbench import fakequant, models
+    from qbench.config import ConfigError
+    from qbench.quantizers import activation_spec, kv_spec
+    from qbench.transforms.rotation import check_rotation
+
+    try:
+        models.check_architecture(model)
+        group_size = int(cfg.quant.w_group_size)
+        if group_size > 0 and float(cfg.quant.w_bits) < 16 and cfg.quant.w_format == "int":
+            for name, layer in models.block_linears(model):
+                if layer.in_features % group_size:
+                    raise ValueError(f"quant.w_group_size={group_size} does not divide the {layer.in_features} "
+                                     f"input features of {name}; choose a divisor or -1 (per channel)")
+        check_rotation(model, cfg.preprocess.rotation)
+        fakequant.check_fits(model, activation_spec(cfg.quant), kv_spec(cfg.quant))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"the loaded weights of {cfg.model.name} hold NaN or Inf (in {name}); "
+                              "check the checkpoint")
 
 
 def base_row(cfg, resolved: dict, key: str, loaded, n_params: int) -> dict:
@@ -211,26 +267,23 @@ def run(cfg) -> None:
     solver = REGISTRY[cfg.algorithm.name]
 
     start = time.perf_counter()
-    loaded = models.load(cfg.model)
+    try:
+        loaded = models.load(cfg.model)
+    except ValueError as exc:  # transformers' and our own refusals of a checkpoint, in one line
+        raise ConfigError(f"model={cfg.model.name} cannot be loaded: {str(exc).strip().splitlines()[0]}") from None
     model, tokenizer = loaded.model, loaded.tokenizer
     context = models.max_context(model, cfg.model)
     for field, value in (("data.seqlen", cfg.data.seqlen), ("eval.seqlen", cfg.eval.seqlen)):
         if value > context:
             raise ConfigError(f"{field}={value} exceeds the model's context of {context} tokens")
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ConfigError(f"the loaded weights of {cfg.model.name} hold NaN or Inf (in {name})")
-    try:
-        fakequant.check_fits(model, activation_spec(cfg.quant), kv_spec(cfg.quant))
-    except ValueError as exc:  # a grid that does not fit this model's shapes
-        raise ConfigError(str(exc)) from exc
+    check_model(model, cfg)
     windows = evaluation_windows(cfg, tokenizer)
     calibration = None
     p = cfg.preprocess
     needs_data = (solver.needs_H and float(cfg.quant.w_bits) < 16) or p.equalization != "none" or p.magr
     if needs_data:
         bos = getattr(tokenizer, "bos_token_id", None)
-        calibration = data.calibration_windows(data.tokenize(tokenizer, data.load_text(cfg.data.source, "train")),
+        calibration = data.calibration_windows(data.tokenize(tokenizer, data.load_text(cfg.data.source, "train", cfg.data.path)),
                                                cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed, bos)
     load_s = time.perf_counter() - start
     n_params = models.count_parameters(model)
@@ -263,19 +316,24 @@ def run(cfg) -> None:
     preprocess_report.update(fakequant.attach(model, activation_spec(cfg.quant), kv_spec(cfg.quant), r3_seed))
     t0 = time.perf_counter()
     reports, budget = [], None
-    if float(cfg.quant.w_bits) < 16:
-        reports, budget = pipeline.quantize_model(
-            model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
-            batch_size=cfg.calibration.batch_size, device=device, float_cache_gb=cfg.calibration.float_cache_gb,
-            options=solver_options(cfg))
-    quant_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = evaluate_all(model, windows, cfg, device)
-    eval_s = time.perf_counter() - t0
-
     row = base_row(cfg, resolved, key, loaded, n_params)
+    try:
+        if float(cfg.quant.w_bits) < 16:
+            reports, budget = pipeline.quantize_model(
+                model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
+                batch_size=cfg.calibration.batch_size, device=device,
+                float_cache_gb=cfg.calibration.float_cache_gb, options=solver_options(cfg))
+        quant_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = evaluate_all(model, windows, cfg, device)
+        eval_s = time.perf_counter() - t0
+    except FloatingPointError as exc:  # recorded as a failed run: never a NaN presented as a result
+        row.update(status="failed", error=str(exc), load_time_s=load_s, **preprocess_report, **peak_memory_mb(device))
+        table.write(row)
+        raise RunFailed(f"run {key} failed: {exc} (recorded with status=failed in {table.dir})") from None
+
     row.update(quant_time_s=quant_s, eval_time_s=eval_s, load_time_s=load_s, status="ok", **metrics,
-               **preprocess_report,
+               **preprocess_report, weights_sha256=models.weights_digest(model), **determinism(device),
                **pipeline.summarize(reports), **peak_memory_mb(device))
     if budget is not None:
         row["statistics_gflop"] = budget.statistics / 1e9

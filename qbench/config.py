@@ -8,13 +8,14 @@ with one line naming the field, the value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -110,7 +111,7 @@ class PreprocessConfig:
 
     name: str = "none"
     rotation: str = "none"  # none | hadamard | quarot | quarot+hadamard
-    rotation_seed: int = 0
+    rotation_seed: int = II("seed")  # random ±1 signs of the Hadamard rotations; the top-level seed
     equalization: str = "none"  # none | smoothquant
     smoothquant_alpha: float = 0.3
     magr: bool = False
@@ -122,10 +123,11 @@ class DataConfig:
     """Calibration corpus and the windows drawn from it (BOS first in each window)."""
 
     name: str = MISSING
-    source: str = "enwiki-excerpt"  # enwiki-excerpt | wikitext2 | c4
+    source: str = "enwiki-excerpt"  # enwiki-excerpt | wikitext2 | c4 | text (a local folder, data.path)
+    path: Optional[str] = None  # source=text: a folder with train.txt, validation.txt, test.txt
     nsamples: int = 64
     seqlen: int = 256
-    seed: int = 0
+    seed: int = II("seed")  # calibration window offsets; the top-level seed
 
 
 @dataclass
@@ -170,7 +172,7 @@ class Config:
     tracking: TrackingConfig = MISSING
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    seed: int = 0  # drives everything random: calibration windows, rotation signs, torch's generator
 
 
 ALGORITHM_CONFIGS: dict[str, type[AlgorithmConfig]] = {
@@ -199,13 +201,14 @@ def register_configs() -> None:
 # validation (no model, no data: everything here is cheap)
 
 SUPPORTED_W_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8, 16)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 SUPPORTED_FORMATS = ("int", "mxfp4")
 SUPPORTED_DYNAMIC_BITS = (4, 8, 16)
 SUPPORTED_ROTATIONS = ("none", "hadamard", "quarot", "quarot+hadamard")
 SUPPORTED_EQUALIZATION = ("none", "smoothquant")
 SUPPORTED_STREAMS = ("quantized", "dual")
 SUPPORTED_PROTOCOLS = ("gptq", "brevitas")
-SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4")
+SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4", "text")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -243,6 +246,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(p.magr_alpha >= 0, f"preprocess.magr_alpha={p.magr_alpha} must be >= 0 (paper: 0.01)")
     _check(d.source in SUPPORTED_SOURCES, f"data.source={d.source!r} is unknown; choose one of {list(SUPPORTED_SOURCES)}")
     _check(d.nsamples > 0, f"data.nsamples={d.nsamples} must be positive")
+    _validate_text_source(cfg)
     _check(d.seqlen > 1, f"data.seqlen={d.seqlen} must be at least 2")
     _check(cfg.calibration.stream in SUPPORTED_STREAMS,
            f"calibration.stream={cfg.calibration.stream!r} must be one of {list(SUPPORTED_STREAMS)}")
@@ -265,6 +269,24 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"),
            f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
     _validate_model_source(cfg.model)
+
+
+def _validate_text_source(cfg: Config | DictConfig) -> None:
+    """data.source=text: the split files this run will read exist and are not empty (no model needed)."""
+    if cfg.data.source != "text" and "text" not in cfg.eval.datasets:
+        return
+    from qbench.data import DataError, text_file
+    from qbench.evaluate import PROTOCOL_SPLIT
+
+    _check(bool(cfg.data.path), "data.source=text needs data.path, a folder with train.txt, validation.txt, test.txt")
+    splits = {"train"} if cfg.data.source == "text" else set()
+    if "text" in cfg.eval.datasets:
+        splits |= {PROTOCOL_SPLIT[p] for p in cfg.eval.protocols if p in PROTOCOL_SPLIT}
+    for split in sorted(splits):
+        try:
+            text_file(cfg.data.path, split)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _validate_formats(q: QuantConfig | DictConfig) -> None:
@@ -291,14 +313,27 @@ def _validate_formats(q: QuantConfig | DictConfig) -> None:
 
 def _validate_model_source(m: ModelConfig | DictConfig) -> None:
     """A local path must exist; a hub id must be cached when the hub is unreachable (offline)."""
-    if m.tiny is not None or (not m.path and m.embedded):
+    if m.tiny is not None:
+        model_type = m.tiny.get("model_type", "llama")
+        _check(model_type in SUPPORTED_MODEL_TYPES, f"model.tiny.model_type={model_type!r} is not supported; "
+               f"supported architectures: {list(SUPPORTED_MODEL_TYPES)}")
+        return
+    if not m.path and m.embedded:
         return
     _check(bool(m.path), f"model.path is empty for model={m.name}; give a local folder or a hub id")
     path = os.path.expanduser(m.path)
     looks_local = m.path.startswith(("/", ".", "~")) or m.path.count("/") > 1  # hub ids: owner/name
     if os.path.isdir(path):
-        _check(os.path.isfile(os.path.join(path, "config.json")),
+        config_file = os.path.join(path, "config.json")
+        _check(os.path.isfile(config_file),
                f"model.path={m.path!r} has no config.json; point it at a Hugging Face model folder")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path={m.path!r}: config.json cannot be read ({exc}); fix or replace it") from None
+        _check(model_type in SUPPORTED_MODEL_TYPES, f"model.path={m.path!r} is a {model_type!r} model; "
+               f"supported architectures: {list(SUPPORTED_MODEL_TYPES)}")
         return
     _check(not looks_local, f"model.path={m.path!r} does not exist; give an existing local folder or a hub id")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qbench import fakequant
+from qbench import fakequant, faults
 from qbench.algorithms import REGISTRY, Solver
 from qbench.models import decoder_blocks, linear_groups
 from qbench.quantizers import GridSpec, build_grid
@@ -48,6 +48,7 @@ class LayerReport:
     damping: float
     cholesky_retries: int
     dead_inputs: int
+    collapsed_groups: int  # (row, group) ranges with max = min: every weight there is 0, kept exactly
     solve_s: float  # the shared solve of a q/k/v or gate/up group is split by rows
 
 
@@ -163,6 +164,13 @@ def relative_output_change(W: Tensor, Q: Tensor, H: Tensor) -> float:
     return float((num / den).sqrt())
 
 
+def _collapsed_groups(W: Tensor, group_size: int) -> int:
+    """Groups whose range including 0 is empty, i.e. all-zero groups (the grid gets a unit scale there)."""
+    M, N = W.shape
+    Wg = W.reshape(M, N // group_size, group_size)
+    return int((Wg.amax(dim=2).clamp(min=0) == Wg.amin(dim=2).clamp(max=0)).sum())
+
+
 def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Optional[Tensor], solver: Solver,
                  spec: GridSpec, options: dict, block: int) -> list[LayerReport]:
     """Quantize the Linears that share one input (q/k/v, gate/up) in place, as one solve.
@@ -192,7 +200,8 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
             block=block, name=name, out_features=W_i.shape[0], in_features=W_i.shape[1],
             weight_rel_error=float(D.norm() / W_i.norm().clamp(min=1e-30)), output_rel_error=output_rel_error,
             damping=float(info.get("damping", 0.0)), cholesky_retries=int(info.get("cholesky_retries", 0)),
-            dead_inputs=int(info.get("dead_inputs", 0)), solve_s=solve_s * W_i.shape[0] / W.shape[0]))
+            dead_inputs=int(info.get("dead_inputs", 0)), collapsed_groups=_collapsed_groups(W_i, grid.group_size),
+            solve_s=solve_s * W_i.shape[0] / W.shape[0]))
     return reports
 
 
@@ -276,12 +285,16 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
             H /= m
             if G is not None:
                 G /= m
+            if not torch.isfinite(H).all() or (G is not None and not torch.isfinite(G).all()):
+                raise FloatingPointError(f"block {i} {first_name}: the calibration inputs hold NaN or Inf "
+                                         "(a transform or an activation quantizer broke the model)")
             reports += _solve_group(group, H, G, solver, spec, options, i)
         x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
         if carry_float and float_inputs is None:
             x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
         del float_block, float_layers, float_inputs
         block.to("cpu")
+        faults.failpoint("calibration")
     return reports, budget
 
 
@@ -301,6 +314,7 @@ def summarize(reports: list[LayerReport]) -> dict:
         "max_damping": max(r.damping for r in reports),
         "cholesky_retries": sum(r.cholesky_retries for r in reports),
         "dead_inputs": sum(r.dead_inputs for r in reports),
+        "collapsed_groups": sum(r.collapsed_groups for r in reports),
         "solve_time_s": sum(r.solve_s for r in reports),
     }
 

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 import pandas as pd
 
+from qbench import faults
+
 SCHEMA_VERSION = 1
 # fields that do not change what is measured: where results go, and memory/speed knobs
 KEY_EXCLUDES = ("tracking", "calibration.float_cache_gb")
@@ -81,10 +83,12 @@ def git_sha() -> str:
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    faults.remove_orphans(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=faults.temp_prefix(path.name), suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        faults.failpoint(f"write:{path.suffix.lstrip('.')}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -373,6 +373,17 @@ def apply_quarot(model: nn.Module, seed: int = 0) -> dict:
 # Dispatch
 
 
+def check_rotation(model: nn.Module, kind: str) -> None:
+    """Raise the one-line ValueError `apply_rotation(model, kind)` would raise, without touching a weight
+    (so a run can refuse before its float baseline and calibration)."""
+    if kind in ("quarot", "quarot+hadamard"):
+        _check_quarot(model)
+    if kind in ("hadamard", "quarot+hadamard"):
+        blocks = _blocks_or_raise(model, "preprocess.rotation=hadamard")
+        _check_sizes(((name, layer.in_features) for block in blocks for group in linear_groups(block)
+                      for name, layer in group), "preprocess.rotation=hadamard")
+
+
 def apply_rotation(model: nn.Module, kind: str, seed: int = 0) -> dict:
     """Apply `preprocess.rotation`: "none" | "hadamard" | "quarot" | "quarot+hadamard" (QuaRot, then
     incoherence processing on every Linear input). Returns the report of what was done."""
