@@ -344,13 +344,16 @@ def run(cfg) -> None:
     _report(row)
 
 
-def _log_run(cfg, config: dict, row: dict, telemetry: list, name: str) -> None:
-    """W&B is best effort: the results row is already safe when this runs."""
+def _log_run(cfg, config: dict, row: dict, telemetry: list, name: str, lm_eval_results: dict | None = None) -> None:
+    """W&B is best effort: the results row is already safe when this runs. One group per sweep;
+    `lm_eval_results` (what lm_eval.simple_evaluate returned) goes through lm-eval's WandbLogger."""
     from qbench import tracking
 
     try:
         flat = {k: v for k, v in row.items() if k not in ("telemetry", "config")}
-        wandb_id = tracking.log_to_wandb(cfg.tracking, config, flat, telemetry, name=name)
+        group = tracking.sweep_group(cfg.tracking.group, *tracking.current_sweep())
+        wandb_id = tracking.log_to_wandb(cfg.tracking, config, flat, telemetry, name=name, group=group,
+                                         lm_eval_results=lm_eval_results)
         if wandb_id:
             log.info("W&B run %s (%s) in %s", wandb_id, cfg.tracking.wandb_mode, Path(cfg.tracking.dir) / "wandb")
     except Exception as exc:  # noqa: BLE001
