@@ -126,6 +126,7 @@ class ByteTokenizer:
 def load(cfg_model, device: str = "cpu") -> LoadedModel:
     """Load the configured model in eval mode on the host (the pipeline moves blocks to `device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     dtype = getattr(torch, cfg_model.dtype)
     if cfg_model.tiny is not None:
@@ -139,7 +140,13 @@ def load(cfg_model, device: str = "cpu") -> LoadedModel:
         source = os.path.expanduser(cfg_model.path)
     kwargs = dict(revision=cfg_model.revision, trust_remote_code=bool(cfg_model.trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    # no per-tensor progress bar: a load takes seconds, qbench logs it in one line, and a refused
+    # checkpoint must leave exactly one line on stderr
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    finally:
+        hf_logging.enable_progress_bar()
     check_architecture(model)
     return LoadedModel(model, tokenizer, source=source, note=note)
 
