@@ -144,13 +144,11 @@ E8M0_EXP_RANGE = (-127, 127)
 
 def round_to_e2m1(x: Tensor) -> Tensor:
     """Nearest E2M1 value, ties to the even mantissa, saturating at ±6 (OCP MX §5.3 conversion)."""
-    levels = torch.tensor(E2M1_LEVELS, dtype=x.dtype, device=x.device)
+    # The E2M1 magnitudes are the multiples of 0.5 below 2, of 1 in [2, 4] and of 2 in [4, 6]; within each
+    # range an even multiple has mantissa 0, so torch.round (half to even) is exactly the spec's rounding.
     a = x.abs().clamp(max=E2M1_LEVELS[-1])
-    mids = (levels[1:] + levels[:-1]) / 2
-    idx = torch.bucketize(a, mids)  # a == mids[k] lands on k (the lower neighbour)
-    tie = a == mids[idx.clamp(max=mids.numel() - 1)]
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # odd index = mantissa 1: go up to the even one
-    return torch.copysign(levels[idx], x)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0)).to(x.dtype)
+    return torch.copysign(torch.round(a / step) * step, x)
 
 
 def mx_scale(amax: Tensor) -> Tensor:
@@ -232,8 +230,8 @@ def quantize_dynamic(x: Tensor, spec: DynamicSpec) -> Tensor:
     g = shape[-1] if spec.group_size in (-1, None) else spec.group_size
     xg = x.float().reshape(*shape[:-1], shape[-1] // g, g)
     qmin, qmax = integer_range(spec.bits, spec.sym)
-    xmin = xg.amin(dim=-1, keepdim=True).clamp(max=0) * spec.clip_ratio
-    xmax = xg.amax(dim=-1, keepdim=True).clamp(min=0) * spec.clip_ratio
+    xmin, xmax = torch.aminmax(xg, dim=-1, keepdim=True)
+    xmin, xmax = xmin.clamp(max=0) * spec.clip_ratio, xmax.clamp(min=0) * spec.clip_ratio
     scale, zero = _range_to_grid(xmin, xmax, qmin, qmax, spec.sym)
     out = (torch.clamp(torch.round(xg / scale) + zero, qmin, qmax) - zero) * scale
     return out.reshape(shape).to(x.dtype)
