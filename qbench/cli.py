@@ -31,9 +31,21 @@ class UsageError(Exception):
     """Bad input detected before heavy work: printed as one line, exit status 2."""
 
 
-def fail(message: str) -> None:
+class RunFailed(Exception):
+    """A numerical failure during quantization or evaluation, recorded as a failed row: exit status 3
+    (in a multirun the sweep goes on with its other jobs)."""
+
+
+def fail(message: str, status: int = 2) -> None:
     print(f"qbench: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def check_group_choices(argv: list[str]) -> None:
@@ -71,6 +83,10 @@ def _hydra_main(cfg) -> None:
         run(cfg)
     except (ConfigError, DataError, UsageError, PermissionError, FileNotFoundError) as exc:
         fail(str(exc))
+    except RunFailed as exc:
+        if not _in_multirun():
+            fail(str(exc), status=3)
+        log.error("%s", exc)
 
 
 _hydra_entry = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_hydra_main)
@@ -106,7 +122,7 @@ def evaluation_windows(cfg, tokenizer) -> dict:
     bos = getattr(tokenizer, "bos_token_id", None) if cfg.eval.bos else None
     for dataset in cfg.eval.datasets:
         for protocol in cfg.eval.protocols:
-            text = data.load_text(dataset, evaluate.PROTOCOL_SPLIT[protocol])
+            text = data.load_text(dataset, evaluate.PROTOCOL_SPLIT[protocol], cfg.data.path)
             if protocol == "gptq":  # GPTQ tokenizes the split with the tokenizer's defaults
                 tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
             else:
@@ -123,7 +139,7 @@ def evaluation_windows(cfg, tokenizer) -> dict:
 
 def evaluate_all(model, windows: dict, cfg, device) -> dict:
     """Every configured perplexity, with its bootstrap interval over windows (seeded by cfg.seed)."""
-    from qbench import evaluate
+    from qbench import evaluate, faults
 
     metrics = {}
     model.to(device)
@@ -139,6 +155,7 @@ def evaluate_all(model, windows: dict, cfg, device) -> dict:
             metrics[f"ppl_ci95_high/{name}"] = high
             metrics[f"ppl_tokens/{name}"] = result.tokens
             metrics[f"ppl_windows/{name}"] = result.windows
+            faults.failpoint("evaluation")
     finally:
         model.to("cpu")
     return metrics
@@ -261,19 +278,62 @@ def preprocess(model, cfg, calibration, device) -> dict:
     return report
 
 
+def determinism(device) -> dict:
+    """What the bitwise reproducibility of this row rests on. On CPU, the same config, seed and thread count
+    give identical weights and metrics; CUDA kernels (split-K GEMMs, SDPA, atomics) may not."""
+    import torch
+
+    row = {"torch_threads": torch.get_num_threads(), "deterministic": device.type == "cpu"}
+    if device.type != "cpu":
+        row["nondeterminism"] = f"{device.type} kernels may reduce in a different order run to run"
+    return row
+
+
+def check_model(model, cfg) -> None:
+    """Everything about the loaded model that makes the config impossible, in one line, before any work:
+    architecture, group sizes, Hadamard sizes, activation/KV group sizes, NaN or Inf in the weights."""
+    import torch
+
+    from qbench import fakequant, models
+    from qbench.config import ConfigError
+    from qbench.quantizers import activation_spec, kv_spec
+    from qbench.transforms.rotation import check_rotation
+
+    try:
+        models.check_architecture(model)
+        group_size = int(cfg.quant.w_group_size)
+        if group_size > 0 and float(cfg.quant.w_bits) < 16 and cfg.quant.w_format == "int":
+            for name, layer in models.block_linears(model):
+                if layer.in_features % group_size:
+                    raise ValueError(f"quant.w_group_size={group_size} does not divide the {layer.in_features} "
+                                     f"input features of {name}; choose a divisor or -1 (per channel)")
+        check_rotation(model, cfg.preprocess.rotation)
+        fakequant.check_fits(model, activation_spec(cfg.quant), kv_spec(cfg.quant))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"the loaded weights of {cfg.model.name} hold NaN or Inf (in {name}); "
+                              "check the checkpoint")
+
+
 def base_row(cfg, resolved: dict, key: str, loaded, n_params: int) -> dict:
+    from qbench.config import solver_options
     from qbench.tracking import git_sha, qbench_version
 
     q, a, d = cfg.quant, cfg.algorithm, cfg.data
+    options = solver_options(cfg)
     return {
         "run_key": key, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "qbench_version": qbench_version(), "git_sha": git_sha(),
         "model": cfg.model.name, "model_source": loaded.source, "model_note": loaded.note, "params": n_params,
         "algorithm": a.name, "backend": "qbench", "w_bits": float(q.w_bits), "w_group_size": int(q.w_group_size),
         "w_sym": bool(q.w_sym), "w_scale": q.w_scale, "w_shrink": float(q.w_shrink),
-        "a_bits": int(q.a_bits), "kv_bits": int(q.kv_bits), "quant": q.name, "preprocess": cfg.preprocess.name,
+        "w_format": q.w_format, "a_bits": int(q.a_bits), "a_format": q.a_format, "a_sym": bool(q.a_sym),
+        "kv_bits": int(q.kv_bits), "kv_sym": bool(q.kv_sym), "kv_group_size": int(q.kv_group_size),
+        "quant": q.name, "preprocess": cfg.preprocess.name,
         "act_order": bool(a.get("act_order", False)),
-        "damping": a.get("percdamp", a.get("alpha")),
+        "damping": options.get("percdamp", options.get("alpha")),
         "calib_set": d.source, "calib_nsamples": int(d.nsamples), "calib_seqlen": int(d.seqlen),
         "calib_seed": int(d.seed), "calib_stream": cfg.calibration.stream,
         "eval_seqlen": int(cfg.eval.seqlen), "eval_max_tokens": cfg.eval.max_tokens,
@@ -285,10 +345,10 @@ def run(cfg) -> None:
     """One configuration, end to end."""
     import torch
 
-    from qbench import data, models, pipeline, tracking
+    from qbench import data, fakequant, models, pipeline, tracking
     from qbench.algorithms import REGISTRY
-    from qbench.config import ConfigError, resolved_dict
-    from qbench.quantizers import spec_from_config
+    from qbench.config import ConfigError, resolved_dict, solver_options
+    from qbench.quantizers import activation_spec, kv_spec, spec_from_config
 
     resolved = tracking.scrub(resolved_dict(cfg))
     key = tracking.run_key(resolved)
@@ -303,7 +363,10 @@ def run(cfg) -> None:
     zeroshot = zeroshot_settings(cfg)  # task data and names before the model loads
 
     start = time.perf_counter()
-    loaded = models.load(cfg.model)
+    try:
+        loaded = models.load(cfg.model)
+    except ValueError as exc:  # transformers' and our own refusals of a checkpoint, in one line
+        raise ConfigError(f"model={cfg.model.name} cannot be loaded: {str(exc).strip().splitlines()[0]}") from None
     model, tokenizer = loaded.model, loaded.tokenizer
     context = models.max_context(model, cfg.model)
     limits = [("data.seqlen", cfg.data.seqlen), ("eval.seqlen", cfg.eval.seqlen)]
@@ -312,16 +375,14 @@ def run(cfg) -> None:
     for field, value in limits:
         if value > context:
             raise ConfigError(f"{field}={value} exceeds the model's context of {context} tokens")
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ConfigError(f"the loaded weights of {cfg.model.name} hold NaN or Inf (in {name})")
+    check_model(model, cfg)
     windows = evaluation_windows(cfg, tokenizer)
     calibration = None
     p = cfg.preprocess
     needs_data = (solver.needs_H and float(cfg.quant.w_bits) < 16) or p.equalization != "none" or p.magr
     if needs_data:
         bos = getattr(tokenizer, "bos_token_id", None)
-        calibration = data.calibration_windows(data.tokenize(tokenizer, data.load_text(cfg.data.source, "train")),
+        calibration = data.calibration_windows(data.tokenize(tokenizer, data.load_text(cfg.data.source, "train", cfg.data.path)),
                                                cfg.data.nsamples, cfg.data.seqlen, cfg.data.seed, bos)
     load_s = time.perf_counter() - start
     n_params = models.count_parameters(model)
@@ -334,6 +395,7 @@ def run(cfg) -> None:
             metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, fkey)
             row = base_row(cfg, resolved, fkey, loaded, n_params)
             row.update(algorithm="float", w_bits=16.0, w_group_size=-1, quant="float", preprocess="none",
+                       w_format="float", a_bits=16, a_format="float", kv_bits=16,
                        act_order=False, damping=None, calib_set=None, calib_nsamples=0, calib_seqlen=0,
                        calib_stream=None, quant_time_s=0.0, eval_time_s=time.perf_counter() - t0,
                        status="ok", **metrics, **peak_memory_mb(device))
@@ -349,20 +411,29 @@ def run(cfg) -> None:
             if name.startswith("ppl/"):
                 preprocess_report[name.replace("ppl/", "ppl_preprocessed/", 1)] = value
 
+    # activation and KV quantizers go in before calibration: X̃, H and G then include their error
+    r3_seed = p.rotation_seed if "quarot" in p.rotation else None
+    preprocess_report.update(fakequant.attach(model, activation_spec(cfg.quant), kv_spec(cfg.quant), r3_seed))
     t0 = time.perf_counter()
     reports, budget = [], None
-    if float(cfg.quant.w_bits) < 16:
-        reports, budget = pipeline.quantize_model(
-            model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
-            batch_size=cfg.calibration.batch_size, device=device, float_cache_gb=cfg.calibration.float_cache_gb)
-    quant_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, key)
-    eval_s = time.perf_counter() - t0
-
     row = base_row(cfg, resolved, key, loaded, n_params)
+    try:
+        if float(cfg.quant.w_bits) < 16:
+            reports, budget = pipeline.quantize_model(
+                model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
+                batch_size=cfg.calibration.batch_size, device=device,
+                float_cache_gb=cfg.calibration.float_cache_gb, options=solver_options(cfg))
+        quant_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, key)
+        eval_s = time.perf_counter() - t0
+    except FloatingPointError as exc:  # recorded as a failed run: never a NaN presented as a result
+        row.update(status="failed", error=str(exc), load_time_s=load_s, **preprocess_report, **peak_memory_mb(device))
+        table.write(row)
+        raise RunFailed(f"run {key} failed: {exc} (recorded with status=failed in {table.dir})") from None
+
     row.update(quant_time_s=quant_s, eval_time_s=eval_s, load_time_s=load_s, status="ok", **metrics,
-               **preprocess_report,
+               **preprocess_report, weights_sha256=models.weights_digest(model), **determinism(device),
                **pipeline.summarize(reports), **peak_memory_mb(device))
     if budget is not None:
         row["statistics_gflop"] = budget.statistics / 1e9
@@ -374,13 +445,16 @@ def run(cfg) -> None:
     _report(row)
 
 
-def _log_run(cfg, config: dict, row: dict, telemetry: list, name: str) -> None:
-    """W&B is best effort: the results row is already safe when this runs."""
+def _log_run(cfg, config: dict, row: dict, telemetry: list, name: str, lm_eval_results: dict | None = None) -> None:
+    """W&B is best effort: the results row is already safe when this runs. One group per sweep;
+    `lm_eval_results` (what lm_eval.simple_evaluate returned) goes through lm-eval's WandbLogger."""
     from qbench import tracking
 
     try:
         flat = {k: v for k, v in row.items() if k not in ("telemetry", "config")}
-        wandb_id = tracking.log_to_wandb(cfg.tracking, config, flat, telemetry, name=name)
+        group = tracking.sweep_group(cfg.tracking.group, *tracking.current_sweep())
+        wandb_id = tracking.log_to_wandb(cfg.tracking, config, flat, telemetry, name=name, group=group,
+                                         lm_eval_results=lm_eval_results)
         if wandb_id:
             log.info("W&B run %s (%s) in %s", wandb_id, cfg.tracking.wandb_mode, Path(cfg.tracking.dir) / "wandb")
     except Exception as exc:  # noqa: BLE001

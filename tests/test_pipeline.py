@@ -129,3 +129,14 @@ def test_stacked_group_solve_equals_separate_solves(algorithm):
     for (_, layer), Q in zip(layers, expected):
         torch.testing.assert_close(layer.weight.data, Q, rtol=1e-5, atol=1e-6)
     assert [r.out_features for r in reports] == [24, 8, 8]
+
+
+def test_mxfp4_weights_land_on_the_mx_grid(tiny_llama):
+    from qbench.quantizers import mx_quantize
+
+    float_state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    quantize_model(tiny_llama, GridSpec(bits=4, format="mxfp4"), OmegaConf.create({"name": "rtn"}), None,
+                   progress=False)
+    for k, v in tiny_llama.state_dict().items():
+        if "proj" in k:
+            assert torch.equal(v, mx_quantize(float_state[k])), k

@@ -318,3 +318,18 @@ def test_sigma_max_power_iteration_matches_eigvalsh():
         exact = float(torch.linalg.eigvalsh(H)[-1])
         assert abs(sigma_max(H) - exact) <= 1e-4 * exact
     assert sigma_max(torch.zeros(4, 4)) == 0.0
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_mxfp4_grid_matches_slow_definition(name):
+    """The MXFP4 weight grid follows the same contract: fixed power-of-two scales per 32 columns."""
+    from qbench.quantizers import build_mx_grid
+
+    M, N, m = 6, 64, 160
+    W, X, Xt = make_layer(M, N, m, seed=7)
+    H, G = stats(X, Xt)
+    grid = build_mx_grid(W)
+    kw = dict(NO_DAMPING[name], act_order=False)
+    Q = SOLVERS[name](W, H, G, grid, **kw)
+    assert torch.equal(grid.quantize(Q), Q)
+    assert_same(Q, SLOW[name](W, X, Xt, grid, list(range(N))), W, X, Xt)

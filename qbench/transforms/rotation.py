@@ -134,7 +134,7 @@ def _derive_seed(seed: int, *tags: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _signs(n: int, seed: int | None, *tags: object) -> Tensor:
+def rotation_signs(n: int, seed: int | None, *tags: object) -> Tensor:
     """Random ±1 of length n for the rotation named by tags (all ones when seed is None: plain Hadamard)."""
     if seed is None:
         return torch.ones(n, dtype=torch.float64)
@@ -215,7 +215,7 @@ def apply_incoherence(model: nn.Module, seed: int | None = 0) -> dict:
             if not group:
                 continue
             n = group[0][1].in_features
-            signs = _signs(n, seed, "incoherence", b, j)
+            signs = rotation_signs(n, seed, "incoherence", b, j)
             for _name, layer in group:
                 _rotate_input_side(layer, signs)
                 add_online_rotation(layer, OnlineHadamard(n, signs))
@@ -322,8 +322,8 @@ def apply_quarot(model: nn.Module, seed: int = 0) -> dict:
     4. R4 (intermediate size, seeded per block) before down_proj: W_down ← W_down R4ᵀ plus an
        online x → R4 x on its input (the SwiGLU product is elementwise, so nothing upstream can
        absorb R4: it must run online).
-    R3 (a Hadamard on q and k after RoPE) is not applied: it only matters once the KV cache is
-    quantized, which a later change adds together with it.
+    R3 (a Hadamard on q and k after RoPE) only matters once the KV cache is quantized: it lives with
+    the KV quantizers (qbench.fakequant.attach_kv_quantizers), seeded from the same seed.
 
     Must run before apply_incoherence and only once. Returns a report dict.
     """
@@ -343,7 +343,7 @@ def apply_quarot(model: nn.Module, seed: int = 0) -> dict:
     _fold_norm(body.norm, [head])
 
     # 2. R1 on the residual stream.
-    r1 = _signs(hidden, seed, "R1")
+    r1 = rotation_signs(hidden, seed, "R1")
     _assign(embed.weight, hadamard_transform(embed.weight.double(), r1))  # each row e → R1 e
     _rotate_input_side(head, r1)
     for block in blocks:
@@ -356,10 +356,10 @@ def apply_quarot(model: nn.Module, seed: int = 0) -> dict:
     # 3. R2 per head (v_proj output rows, o_proj input columns) and 4. R4 online before down_proj.
     for b, block in enumerate(blocks):
         attn, mlp = block.self_attn, block.mlp
-        r2 = _signs(head_dim, seed, "R2", b)
+        r2 = rotation_signs(head_dim, seed, "R2", b)
         _rotate_heads_v(attn.v_proj, kv_heads, head_dim, r2)
         _rotate_heads_o(attn.o_proj, heads, head_dim, r2)
-        r4 = _signs(intermediate, seed, "R4", b)
+        r4 = rotation_signs(intermediate, seed, "R4", b)
         _rotate_input_side(mlp.down_proj, r4)
         add_online_rotation(mlp.down_proj, OnlineHadamard(intermediate, r4))
 
@@ -371,6 +371,17 @@ def apply_quarot(model: nn.Module, seed: int = 0) -> dict:
 
 # --------------------------------------------------------------------------------------------------------
 # Dispatch
+
+
+def check_rotation(model: nn.Module, kind: str) -> None:
+    """Raise the one-line ValueError `apply_rotation(model, kind)` would raise, without touching a weight
+    (so a run can refuse before its float baseline and calibration)."""
+    if kind in ("quarot", "quarot+hadamard"):
+        _check_quarot(model)
+    if kind in ("hadamard", "quarot+hadamard"):
+        blocks = _blocks_or_raise(model, "preprocess.rotation=hadamard")
+        _check_sizes(((name, layer.in_features) for block in blocks for group in linear_groups(block)
+                      for name, layer in group), "preprocess.rotation=hadamard")
 
 
 def apply_rotation(model: nn.Module, kind: str, seed: int = 0) -> dict:
