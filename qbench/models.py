@@ -114,16 +114,27 @@ def tiny_model(fields: dict, seed: int = 0) -> nn.Module:
 
 def byte_tokenizer():
     """Tokenizer of the tiny test models: UTF-8 bytes shifted by 2 (0 = BOS, 1 = EOS), as a Hugging Face
-    fast tokenizer so that everything that takes a real tokenizer (lm-eval's HFLM) takes it too."""
+    fast tokenizer so that everything that takes a real tokenizer (lm-eval's HFLM) takes it too.
+
+    One plain string is mapped in Python: the Rust byte-level path spends seconds per MB on one-byte
+    tokens, and the ids are the same (there is no post-processor, so special tokens never change them).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import BatchEncoding, PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    class ByteTokenizer(PreTrainedTokenizerFast):
+        def __call__(self, text=None, *args, add_special_tokens: bool = True, **kwargs):
+            if isinstance(text, str) and not args and not kwargs:
+                ids = [b + 2 for b in text.encode("utf-8")]
+                return BatchEncoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
+            return super().__call__(text, *args, add_special_tokens=add_special_tokens, **kwargs)
 
     vocab = {"<s>": 0, "</s>": 1} | {char: byte + 2 for byte, char in bytes_to_unicode().items()}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    return ByteTokenizer(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
 
 
 def load(cfg_model, device: str = "cpu") -> LoadedModel:

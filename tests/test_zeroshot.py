@@ -33,6 +33,7 @@ def test_byte_tokenizer_is_utf8_bytes_shifted_by_two():
     text = "Grüße — 漢字\tend "
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == [b + 2 for b in text.encode("utf-8")] and tok.decode(ids) == text
+    assert tok.encode(text) == ids and tok([text, "a"])["input_ids"] == [ids, [99]]  # the Rust path agrees
     assert (tok.bos_token_id, tok.eos_token_id, len(tok)) == (0, 1, 258)
 
 
