@@ -31,7 +31,7 @@ from qbench import faults
 
 SCHEMA_VERSION = 1
 # fields that do not change what is measured: where results go, and memory/speed knobs
-KEY_EXCLUDES = ("tracking", "calibration.float_cache_gb")
+KEY_EXCLUDES = ("tracking", "calibration.float_cache_gb", "eval.cache_responses")
 SECRET_NAME = re.compile(r"(api_?key|secret|password|passwd|credential|(^|_)(access_|auth_|hf_)?token$)", re.I)
 
 
@@ -39,8 +39,8 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def run_key(resolved: dict) -> str:
-    """Hash of the resolved config minus tracking fields: equal keys measure the same thing."""
+def _measured(resolved: dict) -> dict:
+    """A copy of the resolved config without the KEY_EXCLUDES fields (they do not change any number)."""
     payload = json.loads(_canonical(resolved))
     for dotted in KEY_EXCLUDES:
         *parents, leaf = dotted.split(".")
@@ -49,13 +49,19 @@ def run_key(resolved: dict) -> str:
             node = node.get(part, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(leaf, None)
-    return hashlib.sha256(_canonical(payload).encode()).hexdigest()[:16]
+    return payload
+
+
+def run_key(resolved: dict) -> str:
+    """Hash of the resolved config minus tracking fields: equal keys measure the same thing."""
+    return hashlib.sha256(_canonical(_measured(resolved)).encode()).hexdigest()[:16]
 
 
 def float_key(resolved: dict) -> str:
     """Key of the float baseline: only what changes the float model's numbers."""
-    payload = {"baseline": "float", "model": resolved["model"], "eval": resolved["eval"],
-               "seed": resolved.get("seed"), "device": resolved.get("device")}
+    measured = _measured(resolved)
+    payload = {"baseline": "float", "model": measured["model"], "eval": measured["eval"],
+               "seed": measured.get("seed"), "device": measured.get("device")}
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()[:16]
 
 
