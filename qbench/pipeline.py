@@ -62,7 +62,7 @@ class Budget:
 def solver_options(cfg_algorithm) -> dict:
     """The solver's keyword options: the algorithm config minus its name; null fields take the solver's
     default (qbench.config.solver_options resolves them from the whole config instead)."""
-    return {k: v for k, v in dict(cfg_algorithm).items() if k != "name" and v is not None}
+    return {k: v for k, v in dict(cfg_algorithm).items() if k not in ("name", "backend") and v is not None}
 
 
 def _capture_input(block: nn.Module, layer: nn.Module, hidden: Tensor, kwargs: dict) -> Tensor:
