@@ -200,7 +200,7 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
 def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids: Optional[Tensor],
                    stream: str = "quantized", batch_size: int = 4, device: str | torch.device = "cpu",
                    progress: bool = True, float_cache_gb: float = 4.0,
-                   options: Optional[dict] = None) -> tuple[list[LayerReport], Budget]:
+                   options: Optional[dict] = None, meter=None) -> tuple[list[LayerReport], Budget]:
     """Replace every Linear weight inside the decoder blocks by its quantized value, block by block.
 
     `options` are the solver's keyword options (default: from `algorithm`). Activation and KV quantizers
@@ -208,7 +208,11 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     and are switched off in the float reference copy of each block, so X does not.
     `float_cache_gb` bounds the memory that keeps the float inputs X of a block's sub-layer groups from
     one float pass; above it, X is recomputed group by group (more forward passes, same numbers).
+    `meter` (qbench.meter.Meter) times, or counts the FLOPs of, the phases forward, statistics and solve.
     """
+    from qbench.meter import NULL_METER
+
+    meter = NULL_METER if meter is None else meter
     device = torch.device(device)
     solver = REGISTRY[algorithm.name]
     options = solver_options(algorithm) if options is None else options
@@ -219,12 +223,14 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
         for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name}", disable=not progress)):
             block.to(device)
             for group in linear_groups(block):
-                reports += _solve_group(group, None, None, solver, spec, options, i)
+                with meter.phase("solve"):
+                    reports += _solve_group(group, None, None, solver, spec, options, i)
             block.to("cpu")
         return reports, budget
     if calibration_ids is None:
         raise ValueError(f"algorithm {algorithm.name} needs calibration data")
-    x_q, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
+    with meter.phase("forward"):
+        x_q, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
     budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
     carry_float = solver.needs_G and stream == "dual"
     x_f = [x.clone() for x in x_q] if carry_float else None
@@ -239,8 +245,9 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
             firsts = [group[0][0] for group in groups]
             cache_bytes = 4 * budget.tokens * sum(group[0][1].in_features for group in groups)
             if cache_bytes <= float_cache_gb * 2**30:  # X of every group from one float pass
-                float_inputs, float_outputs = _float_pass(
-                    float_block, firsts, x_f if carry_float else x_q, kwargs, keep_output=carry_float)
+                with meter.phase("forward"):
+                    float_inputs, float_outputs = _float_pass(
+                        float_block, firsts, x_f if carry_float else x_q, kwargs, keep_output=carry_float)
                 if carry_float:
                     x_f = float_outputs
         for group in groups:
@@ -253,36 +260,48 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
             H_same = torch.zeros_like(H) if solver.needs_G else None
             m = 0
             for b in range(len(x_q)):
-                Xq = _capture_input(block, first, x_q[b], kwargs[b]).float()  # X̃ᵀ: [tokens, n]
-                if G is None:
-                    H.addmm_(Xq.T, Xq)
-                else:
-                    if float_inputs is not None:
-                        Xf = float_inputs[b][first_name].float()
-                    else:  # over the cache budget: recompute X for this group only
+                with meter.phase("forward"):
+                    Xq = _capture_input(block, first, x_q[b], kwargs[b])  # X̃ᵀ: [tokens, n]
+                    if G is not None and float_inputs is None:  # over the cache budget: X for this group only
                         source = x_f[b] if carry_float else x_q[b]
-                        Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b]).float()
-                    if torch.equal(Xf, Xq):
-                        H_same.addmm_(Xq.T, Xq)
-                    else:
-                        H.addmm_(Xq.T, Xq)
-                        G.addmm_(Xf.T, Xq)  # G[i, j] = <X_i, X̃_j>
-                        budget.statistics += 2.0 * n * n * Xq.shape[0]
-                budget.statistics += 2.0 * n * n * Xq.shape[0]
+                        Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b])
+                    elif G is not None:
+                        Xf = float_inputs[b][first_name]
+                with meter.phase("statistics"):
+                    _accumulate(H, G, H_same, Xq.float(), None if G is None else Xf.float(), budget)
                 m += Xq.shape[0]
-            if G is not None:
-                H += H_same
-                G += H_same
-            H /= m
-            if G is not None:
-                G /= m
-            reports += _solve_group(group, H, G, solver, spec, options, i)
-        x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
-        if carry_float and float_inputs is None:
-            x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
+            with meter.phase("statistics"):
+                if G is not None:
+                    H += H_same
+                    G += H_same
+                H /= m
+                if G is not None:
+                    G /= m
+            with meter.phase("solve"):
+                reports += _solve_group(group, H, G, solver, spec, options, i)
+        with meter.phase("forward"):
+            x_q = [_block_output(block, x_q[b], kwargs[b]) for b in range(len(x_q))]
+            if carry_float and float_inputs is None:
+                x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
         del float_block, float_layers, float_inputs
         block.to("cpu")
     return reports, budget
+
+
+def _accumulate(H: Tensor, G: Optional[Tensor], H_same: Optional[Tensor], Xq: Tensor, Xf: Optional[Tensor],
+                budget: Budget) -> None:
+    """Add one batch's X̃ᵀX̃ to H and XᵀX̃ to G (all [tokens, n] inputs, float32 sums); a batch whose X equals
+    X̃ adds its X̃ᵀX̃ once, to H_same, which later counts for both."""
+    n = Xq.shape[1]
+    if G is None:
+        H.addmm_(Xq.T, Xq)
+    elif torch.equal(Xf, Xq):
+        H_same.addmm_(Xq.T, Xq)
+    else:
+        H.addmm_(Xq.T, Xq)
+        G.addmm_(Xf.T, Xq)  # G[i, j] = <X_i, X̃_j>
+        budget.statistics += 2.0 * n * n * Xq.shape[0]
+    budget.statistics += 2.0 * n * n * Xq.shape[0]
 
 
 def reports_as_rows(reports: list[LayerReport]) -> list[dict]:
