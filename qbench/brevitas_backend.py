@@ -178,7 +178,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
 
     Same contract as qbench.pipeline.quantize_model: per-Linear reports and the token budget. `meter`
     (qbench.meter.Meter) times Brevitas's calibration forwards (which accumulate H and G in hooks) as
-    phase "forward+statistics" and its update() as "solve".
+    phase "forward+statistics", its update() as "solve" and the QuantLinear swaps as "setup".
     """
     from qbench.meter import NULL_METER
 
@@ -198,7 +198,8 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
         block.to(device)
         floats = {name: layer.weight.data.to(torch.float32, copy=True) for group in linear_groups(block)
                   for name, layer in group}
-        originals = to_quant_linears(block, [name for group in linear_groups(block) for name, _ in group], spec)
+        with meter.phase("setup"):  # QuantLinears in, weight quantizers initialised
+            originals = to_quant_linears(block, [name for group in linear_groups(block) for name, _ in group], spec)
         solve_s: dict[str, float] = {}
         if not data_free:
             with _mode(block, algorithm, options, device) as gpxq:
@@ -215,7 +216,8 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
                         solve_s[name] = (time.perf_counter() - start) / len(names)
                         n = originals[name].in_features  # Brevitas's own H (and G) products for this Linear
                         budget.statistics += (1 if algorithm == "optq" else 2) * 2.0 * n * n * budget.tokens
-        quantized = restore_linears(block, originals)
+        with meter.phase("setup"):
+            quantized = restore_linears(block, originals)
         for name, Q in quantized.items():
             W = floats[name]
             reports.append(LayerReport(
