@@ -60,6 +60,22 @@ def test_brevitas_quantizer_is_the_qbench_grid(spec):
     torch.testing.assert_close(Q, build_grid(W, spec).quantize(W), rtol=0, atol=0)
 
 
+def test_exact_ties_round_the_same_way():
+    """Weights that sit on a coarser grid (as dequantized GGUF weights do) hit exact ties: scale 1 and odd
+    zero point 7 put every half-integer weight half-way between codes; both break ties on the code."""
+    g = torch.Generator().manual_seed(1)
+    halves = torch.randint(-14, 17, (16, 62), generator=g) / 2.0
+    W = torch.cat([torch.full((16, 1), -7.0), torch.full((16, 1), 8.0), halves], dim=1)
+    linear = torch.nn.Linear(64, 16, bias=False)
+    linear.weight.data = W.clone()
+    holder = torch.nn.Module()
+    holder.layer = linear
+    brevitas_backend.to_quant_linears(holder, ["layer"], GridSpec(bits=4))
+    grid = build_grid(W, GridSpec(bits=4))
+    assert torch.all(grid.scale == 1) and torch.all(grid.zero == 7)
+    torch.testing.assert_close(holder.layer.quant_weight().value.detach(), grid.quantize(W), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("algorithm", ["rtn", "optq", "gpfq"])
 def test_brevitas_solvers_equal_native_on_the_tiny_model(tiny_llama, one_thread, algorithm):
     """Same data, grid, act-order and damping: RTN, GPTQ and GPFQ give the native weights bit for bit."""
