@@ -71,6 +71,14 @@ class Grid:
         code = torch.clamp(torch.round(w / s + z), self.qmin, self.qmax)  # ties to even in the code domain
         return (code - z) * s
 
+    def into(self, w: Tensor, j: int, out: Tensor) -> Tensor:
+        """`self(w, j)` for one column, written into `out` (same arithmetic, no temporaries: the solvers'
+        column loops call this once per column)."""
+        g = j // self.group_size
+        s, z = self._scale_rows[g], self._zero_rows[g]
+        torch.div(w, s, out=out)
+        return out.add_(z).round_().clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
+
     def quantize(self, W: Tensor) -> Tensor:
         """Round every column of W to its nearest grid point (RTN)."""
         return self(W, torch.arange(W.shape[1], device=W.device))

@@ -196,6 +196,14 @@ def all_finite(*tensors: Tensor) -> bool:
     return bool(torch.stack([torch.isfinite(T).all() for T in tensors]).all())
 
 
+def quantize_column(quantizer: Callable, w: Tensor, j: int, out: Tensor) -> Tensor:
+    """out = quantizer(w, j): in place when the quantizer offers `into` (qbench's grids), else a copy."""
+    into = getattr(quantizer, "into", None)
+    if into is not None and w.dtype == out.dtype:
+        return into(w, j, out)
+    return out.copy_(quantizer(w, j))
+
+
 def write_info(info: Optional[dict], damp: float, retries: int, dead: int, **extra) -> None:
     """Record what the solve actually did (design.md §4 contract) into the caller's dict."""
     if info is not None:
