@@ -28,3 +28,12 @@ def test_render_marks_missing_cells():
     text = render(frame(), ["ppl/d/gptq"])
     assert "### m: ppl/d/gptq" in text and "—" in text and "nan" not in text
     assert render(pd.DataFrame()) == "(the results table is empty)"
+
+
+def test_brevitas_backend_rows_get_their_own_column():
+    rows = frame()
+    rows = pd.concat([rows, pd.DataFrame([dict(model="m", status="ok", preprocess="none", calib_stream="quantized",
+                                               algorithm="qronos", quant="w3", backend="brevitas",
+                                               **{"ppl/d/gptq": 31.0})])], ignore_index=True)
+    table = perplexity_table(rows, "ppl/d/gptq")
+    assert table.loc["qronos", "w3"] == 30.0 and table.loc["qronos", "w3 [brevitas]"] == 31.0
