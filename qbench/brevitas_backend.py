@@ -49,6 +49,13 @@ DIFFERENCES = (
     "Qronos's sigma_max(H): Brevitas takes 30 power iterations from a seeded random start, which stays "
     "below sigma_max when the top eigenvalues are close (4% low on a test H); qbench runs Lanczos to "
     "convergence. lambda = alpha sigma_max differs by that much",
+    "float32 routes: GPTQ: Brevitas inverts H by cholesky -> cholesky_inverse -> Cholesky of the inverse, "
+    "qbench by one Cholesky of the reversed H and a triangular inverse, and H/G are accumulated in a "
+    "different order (Brevitas rescales a running mean per batch); the same rounding up to ties, but the "
+    "column-by-column sweep amplifies a single flipped rounding into later columns. Qronos at alpha 1e-6: "
+    "Brevitas forms (H + lambda I)^-1 explicitly and downdates that inverse (Sherman-Morrison); with an "
+    "ill-conditioned H that loses digits (given the same H and G, Brevitas's float32 weights differ from "
+    "a float64 solve several times more often than qbench's)",
     "a failed Cholesky: Brevitas warns and leaves that Linear round-to-nearest (GPTQ) or unchanged "
     "(Qronos); qbench raises the damping x10 until it succeeds",
     "dead inputs (diag H = 0): both zero the weight column; Brevitas's GPFQ/Qronos keep G's column, "
