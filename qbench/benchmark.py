@@ -238,13 +238,16 @@ def main(argv: list[str]) -> None:
     print(f"{base.model.dtype} GEMM rate at end: {rate_end / 1e9:.0f} GFLOP/s; floor at {rate / 1e9:.0f} GFLOP/s")
     print(markdown)
     print("\n".join(checks))
+    from qbench.tracking import git_sha
+
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    summary["git_sha"] = git_sha()
     tag = f"{base.model.name}_{base.quant.name}_{base.data.nsamples}x{base.data.seqlen}_{device.type}"
     out = Path(base.tracking.dir) / "benchmark"
     out.mkdir(parents=True, exist_ok=True)
     header = (f"# Quantization benchmark: {base.model.name}, {base.quant.name}, {base.data.nsamples} x "
               f"{base.data.seqlen} calibration tokens\n\n"
-              f"`python -m qbench.benchmark {' '.join(argv)}`, {stamp}, device {device}, torch threads "
+              f"`python -m qbench.benchmark {' '.join(argv)}` at {summary['git_sha']}, {stamp}, device {device}, torch threads "
               f"{rows[0]['threads'] if rows else '?'}, load average {load_start[0]:.2f} at start and "
               f"{summary['load_average_end']:.2f} at end. {base.model.dtype} GEMM rate {rate_start / 1e9:.0f} "
               f"GFLOP/s at start, {rate_end / 1e9:.0f} at end; floors use {rate / 1e9:.0f}.\n\n")
