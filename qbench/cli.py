@@ -317,6 +317,11 @@ def check_model(model, cfg) -> None:
                               "check the checkpoint")
 
 
+def backend_of(cfg) -> str:
+    """Who solves: qbench's own solvers or Brevitas's (algorithm.backend)."""
+    return str(cfg.algorithm.get("backend", "qbench"))
+
+
 def base_row(cfg, resolved: dict, key: str, loaded, n_params: int) -> dict:
     from qbench.config import solver_options
     from qbench.tracking import git_sha, qbench_version
@@ -327,7 +332,7 @@ def base_row(cfg, resolved: dict, key: str, loaded, n_params: int) -> dict:
         "run_key": key, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "qbench_version": qbench_version(), "git_sha": git_sha(),
         "model": cfg.model.name, "model_source": loaded.source, "model_note": loaded.note, "params": n_params,
-        "algorithm": a.name, "backend": "qbench", "w_bits": float(q.w_bits), "w_group_size": int(q.w_group_size),
+        "algorithm": a.name, "backend": backend_of(cfg), "w_bits": float(q.w_bits), "w_group_size": int(q.w_group_size),
         "w_sym": bool(q.w_sym), "w_scale": q.w_scale, "w_shrink": float(q.w_shrink),
         "w_format": q.w_format, "a_bits": int(q.a_bits), "a_format": q.a_format, "a_sym": bool(q.a_sym),
         "kv_bits": int(q.kv_bits), "kv_sym": bool(q.kv_sym), "kv_group_size": int(q.kv_group_size),
@@ -395,7 +400,7 @@ def run(cfg) -> None:
             metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, fkey)
             row = base_row(cfg, resolved, fkey, loaded, n_params)
             row.update(algorithm="float", w_bits=16.0, w_group_size=-1, quant="float", preprocess="none",
-                       w_format="float", a_bits=16, a_format="float", kv_bits=16,
+                       w_format="float", a_bits=16, a_format="float", kv_bits=16, backend=None,
                        act_order=False, damping=None, calib_set=None, calib_nsamples=0, calib_seqlen=0,
                        calib_stream=None, quant_time_s=0.0, eval_time_s=time.perf_counter() - t0,
                        status="ok", **metrics, **peak_memory_mb(device))
@@ -418,7 +423,13 @@ def run(cfg) -> None:
     reports, budget = [], None
     row = base_row(cfg, resolved, key, loaded, n_params)
     try:
-        if float(cfg.quant.w_bits) < 16:
+        if float(cfg.quant.w_bits) < 16 and backend_of(cfg) == "brevitas":
+            from qbench import brevitas_backend
+
+            reports, budget = brevitas_backend.quantize_model(
+                model, spec_from_config(cfg.quant), cfg.algorithm.name, calibration, options=solver_options(cfg),
+                batch_size=cfg.calibration.batch_size, device=device)
+        elif float(cfg.quant.w_bits) < 16:
             reports, budget = pipeline.quantize_model(
                 model, spec_from_config(cfg.quant), cfg.algorithm, calibration, stream=cfg.calibration.stream,
                 batch_size=cfg.calibration.batch_size, device=device,

@@ -73,9 +73,11 @@ class QuantConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Base of the per-algorithm configs; `name` selects the solver in the registry."""
+    """Base of the per-algorithm configs; `name` selects the solver in the registry, `backend` who solves:
+    qbench's own solvers, or Brevitas's (qbench.brevitas_backend) on the same data and grid."""
 
     name: str = MISSING
+    backend: str = "qbench"  # qbench | brevitas
 
 
 @dataclass
@@ -222,6 +224,7 @@ SUPPORTED_EQUALIZATION = ("none", "smoothquant")
 SUPPORTED_STREAMS = ("quantized", "dual")
 SUPPORTED_PROTOCOLS = ("gptq", "brevitas")
 SUPPORTED_SOURCES = ("enwiki-excerpt", "wikitext2", "c4", "text")
+SUPPORTED_BACKENDS = ("qbench", "brevitas")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -245,6 +248,13 @@ def validate(cfg: Config | DictConfig) -> None:
     if math.isclose(float(q.w_bits), 1.58):
         _check(q.w_sym, "quant.w_bits=1.58 uses the symmetric levels {-1, 0, 1}; set quant.w_sym=true")
     _check(a.name in REGISTRY, f"algorithm.name={a.name!r} is unknown; choose one of {sorted(REGISTRY)}")
+    backend = a.get("backend", "qbench")
+    _check(backend in SUPPORTED_BACKENDS, f"algorithm.backend={backend!r} must be one of {list(SUPPORTED_BACKENDS)}")
+    if backend == "brevitas":
+        from qbench.brevitas_backend import unsupported  # local: no brevitas import here
+
+        reason = unsupported(cfg)
+        _check(reason is None, f"algorithm.backend=brevitas: {reason}")
     for key in ("percdamp", "alpha"):
         if key in a and a[key] is not None:
             _check(a[key] >= 0, f"algorithm.{key}={a[key]} must be >= 0")
@@ -399,7 +409,7 @@ def solver_options(cfg: Config | DictConfig) -> dict:
 
     Qronos's alpha left null takes the paper's value for the setting: 1e-6 weight-only, 1e-3 when
     activations are quantized (design.md §4)."""
-    options = {k: v for k, v in dict(cfg.algorithm).items() if k != "name"}
+    options = {k: v for k, v in dict(cfg.algorithm).items() if k not in ("name", "backend")}
     if "alpha" in options and options["alpha"] is None:
         options["alpha"] = QRONOS_ALPHA_ACTIVATIONS if cfg.quant.a_bits < 16 else QRONOS_ALPHA_WEIGHT_ONLY
     return options

@@ -43,7 +43,11 @@ def integer_range(bits: float, sym: bool) -> tuple[int, int]:
 
 @dataclass
 class Grid:
-    """A fixed per-(row, group) affine grid: value = (code - zero) · scale, code in [qmin, qmax]."""
+    """A fixed per-(row, group) affine grid: value = (code - zero) · scale, code in [qmin, qmax].
+
+    code = clamp(round(w / scale + zero)): the rounding happens on the integer code, as in Brevitas's
+    IntQuant, so an exact tie (weights that already sit on a coarser grid, like dequantized GGUF) breaks
+    to the even *code* in both."""
 
     scale: Tensor  # [M, n_groups]
     zero: Tensor  # [M, n_groups], integer-valued
@@ -64,8 +68,16 @@ class Grid:
         else:
             g = j // self.group_size
             s, z = self.scale[:, g].to(w.dtype), self.zero[:, g].to(w.dtype)
-        code = torch.clamp(torch.round(w / s) + z, self.qmin, self.qmax)
+        code = torch.clamp(torch.round(w / s + z), self.qmin, self.qmax)  # ties to even in the code domain
         return (code - z) * s
+
+    def into(self, w: Tensor, j: int, out: Tensor) -> Tensor:
+        """`self(w, j)` for one column, written into `out` (same arithmetic, no temporaries: the solvers'
+        column loops call this once per column)."""
+        g = j // self.group_size
+        s, z = self._scale_rows[g], self._zero_rows[g]
+        torch.div(w, s, out=out)
+        return out.add_(z).round_().clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
 
     def quantize(self, W: Tensor) -> Tensor:
         """Round every column of W to its nearest grid point (RTN)."""
@@ -125,7 +137,7 @@ def _mse_search(Wg: Tensor, xmin: Tensor, xmax: Tensor, qmin: int, qmax: int, sy
     for i in range(int(max_shrink * steps)):
         p = 1 - i / steps
         scale, zero = _range_to_grid(xmin * p, xmax * p, qmin, qmax, sym)
-        code = torch.clamp(torch.round(Wg / scale[..., None]) + zero[..., None], qmin, qmax)
+        code = torch.clamp(torch.round(Wg / scale[..., None] + zero[..., None]), qmin, qmax)
         err = ((code - zero[..., None]) * scale[..., None] - Wg).pow(2).sum(dim=2)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -233,7 +245,7 @@ def quantize_dynamic(x: Tensor, spec: DynamicSpec) -> Tensor:
     xmin, xmax = torch.aminmax(xg, dim=-1, keepdim=True)
     xmin, xmax = xmin.clamp(max=0) * spec.clip_ratio, xmax.clamp(min=0) * spec.clip_ratio
     scale, zero = _range_to_grid(xmin, xmax, qmin, qmax, spec.sym)
-    out = (torch.clamp(torch.round(xg / scale) + zero, qmin, qmax) - zero) * scale
+    out = (torch.clamp(torch.round(xg / scale + zero), qmin, qmax) - zero) * scale
     return out.reshape(shape).to(x.dtype)
 
 

@@ -43,6 +43,8 @@ def setting_label(row: pd.Series) -> str:
         label += f"+{row['preprocess']}"
     if row.get("calib_stream") == "dual":
         label += " (dual)"
+    if row.get("backend") == "brevitas":  # Brevitas's solvers: never in the same cell as qbench's
+        label += " [brevitas]"
     return label
 
 

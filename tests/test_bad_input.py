@@ -90,6 +90,8 @@ CATALOGUE = [
      "has no test.txt, which this run reads"),
     ("hadamard size", [*TINY, "model.tiny.intermediate_size=136", "preprocess=quarot"],
      "intermediate_size has size 136, which has no Hadamard matrix"),
+    ("G from a stream Brevitas cannot feed", ["algorithm=gpfq", "algorithm.backend=brevitas", "calibration.stream=dual"],
+     "algorithm.backend=brevitas: Brevitas feeds blocks the quantized stream only; calibration.stream=dual"),
     ("activation bits", ["quant.a_bits=3"], "quant.a_bits=3 has no activation grid; use one of [4, 8, 16]"),
     ("kv bits", ["quant.kv_bits=2"], "quant.kv_bits=2 has no KV-cache grid"),
     ("activation group size", [*TINY, "quant=w4a4", "quant.a_group_size=48"],

@@ -140,3 +140,27 @@ def test_mxfp4_weights_land_on_the_mx_grid(tiny_llama):
     for k, v in tiny_llama.state_dict().items():
         if "proj" in k:
             assert torch.equal(v, mx_quantize(float_state[k])), k
+
+
+@pytest.mark.parametrize("algorithm", ["optq", "qronos"])
+def test_replaying_final_outputs_changes_nothing_but_the_work(tiny_llama, one_thread, algorithm):
+    """The outputs of already-quantized submodules are replayed, not recomputed: the same weights, bit for
+    bit, as a run that reruns the block prefix for every group (caches off), with fewer forward FLOPs."""
+    import copy
+
+    from qbench.meter import Meter
+
+    ids = torch.randint(2, 258, (4, 32), generator=torch.Generator().manual_seed(2))
+    options = {"optq": {"act_order": True}, "qronos": {"alpha": 1e-6, "act_order": True}}[algorithm]
+    runs = {}
+    for cache_gb in (4.0, 0.0):
+        model = copy.deepcopy(tiny_llama)
+        meter = Meter(count_flops=True)
+        quantize_model(model, GridSpec(bits=3), OmegaConf.create({"name": algorithm}), ids, batch_size=2,
+                       progress=False, float_cache_gb=cache_gb, options=options, meter=meter)
+        runs[cache_gb] = (model.state_dict(), meter.flops)
+    (cached, cached_flops), (plain, plain_flops) = runs[4.0], runs[0.0]
+    for name, value in cached.items():
+        assert torch.equal(value, plain[name]), name
+    assert cached_flops["forward"] < 0.7 * plain_flops["forward"]
+    assert cached_flops["statistics"] == plain_flops["statistics"] and cached_flops["solve"] == plain_flops["solve"]

@@ -224,3 +224,15 @@ def test_dynamic_groups_and_16_bits():
     assert torch.equal(quantize_dynamic(x, DynamicSpec(bits=4, format="mxfp4")), mx_quantize(x))
     half = quantize_dynamic(x.bfloat16(), DynamicSpec(bits=4))
     assert half.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("spec", [GridSpec(bits=4), GridSpec(bits=3, group_size=8), GridSpec(bits=1.58, sym=True)])
+def test_grid_into_is_the_grid_call(spec):
+    """The solvers' in-place column quantization gives exactly grid(w, j)."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 32, generator=g)
+    grid = build_grid(W, spec)
+    V = W + 0.3 * torch.randn(12, 32, generator=g)  # updated columns reach past the float range
+    out = torch.empty(12)
+    for j in range(32):
+        assert torch.equal(grid.into(V[:, j].contiguous(), j, out), grid(V[:, j], j))

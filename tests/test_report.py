@@ -135,3 +135,12 @@ def test_table_command_filters_rows(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.table_command([f"dir={tmp_path}", "query=no_such_column > 1"])
     assert "query='no_such_column > 1' failed" in capsys.readouterr().err
+
+
+def test_brevitas_backend_rows_get_their_own_column():
+    rows = frame()
+    rows = pd.concat([rows, pd.DataFrame([dict(model="m", status="ok", preprocess="none", calib_stream="quantized",
+                                               algorithm="qronos", quant="w3", backend="brevitas",
+                                               **{"ppl/d/gptq": 31.0})])], ignore_index=True)
+    table = metric_table(rows, "ppl/d/gptq")
+    assert table.loc["qronos", "w3"] == 30.0 and table.loc["qronos", "w3 [brevitas]"] == 31.0

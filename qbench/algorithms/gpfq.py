@@ -48,8 +48,7 @@ def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Opti
     for i1 in range(0, N, BLOCK):
         i2 = min(i1 + BLOCK, N)
         for t in range(i1, i2):  # AT[t] holds A − Σ_{j<t} q_j H[j,t] once column t is reached
-            q = quantizer(AT[t] / d[t], cols[t]).to(W.dtype)
-            QT[t] = q
+            q = _linalg.quantize_column(quantizer, AT[t].div_(d[t]), cols[t], QT[t])
             if t + 1 < i2:  # correction inside the block
                 AT[t + 1:i2].addr_(H[t, t + 1:i2], q, alpha=-1)
         if i2 < N:  # and for all later columns, once per block

@@ -31,9 +31,8 @@ def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_
         i2 = min(i1 + block_size, N)
         ET = torch.empty(i2 - i1, M, dtype=W.dtype, device=W.device)  # scaled errors (v_t − q_t)/U[t,t]
         for t in range(i1, i2):
-            w = WT[t]
-            q = quantizer(w, cols[t]).to(W.dtype)
-            QT[t] = q
+            w, q = WT[t], QT[t]
+            _linalg.quantize_column(quantizer, w, cols[t], q)
             e = ET[t - i1]
             torch.sub(w, q, out=e).div_(d[t])
             if t + 1 < i2:  # v_{>t} update inside the block: v_j −= e·U[t, j]
