@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbench.models import decoder_blocks, linear_groups
-from qbench.pipeline import Budget, LayerReport, _block_output, capture_block_inputs
+from qbench.pipeline import Budget, LayerReport, _block_output, _collapsed_groups, capture_block_inputs
 from qbench.quantizers import GridSpec
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
                 block=i, name=name, out_features=W.shape[0], in_features=W.shape[1],
                 weight_rel_error=float((W - Q.float()).norm() / W.norm().clamp(min=1e-30)),
                 output_rel_error=None, damping=math.nan, cholesky_retries=0, dead_inputs=0,
+                collapsed_groups=_collapsed_groups(W, W.shape[1] if spec.group_size in (-1, None) else spec.group_size),
                 solve_s=solve_s.get(name, 0.0)))
         if not data_free:
             with meter.phase("forward"):
