@@ -36,7 +36,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbench.models import decoder_blocks, linear_groups
-from qbench.pipeline import Budget, LayerReport, _block_output, _collapsed_groups, capture_block_inputs
+from qbench.pipeline import (Budget, LayerReport, _block_output, _collapsed_groups, capture_block_inputs,
+                             naming_out_of_memory, out_of_memory_advice)
 from qbench.quantizers import GridSpec
 
 log = logging.getLogger(__name__)
@@ -198,44 +199,48 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
     data_free = algorithm == "rtn"
     if not data_free and calibration_ids is None:
         raise ValueError(f"algorithm {algorithm} needs calibration data")
+    windows = 0 if calibration_ids is None else calibration_ids.shape[0]
+    hidden: list[torch.Tensor] = []
     if not data_free:
         with meter.phase("forward"):
             hidden, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
         budget.tokens = sum(x.shape[0] * x.shape[1] for x in hidden)
     for i, block in enumerate(tqdm(blocks, desc=f"brevitas {algorithm} blocks", disable=not progress)):
-        block.to(device)
-        floats = {name: layer.weight.data.to(torch.float32, copy=True) for group in linear_groups(block)
-                  for name, layer in group}
-        with meter.phase("setup"):  # QuantLinears in, weight quantizers initialised
-            originals = to_quant_linears(block, [name for group in linear_groups(block) for name, _ in group], spec)
-        solve_s: dict[str, float] = {}
-        if not data_free:
-            with _mode(block, algorithm, options, device) as gpxq:
-                for _ in range(gpxq.num_layers):
-                    with meter.phase("forward+statistics"):
-                        for x, kw in zip(hidden, kwargs):
-                            block(x, **kw)
-                    names = sorted(gpxq.current_layer.layer_names)
-                    with meter.phase("solve"):
-                        start = time.perf_counter()
-                        gpxq.update()
-                        _sync(device)
-                    for name in names:
-                        solve_s[name] = (time.perf_counter() - start) / len(names)
-                        n = originals[name].in_features  # Brevitas's own H (and G) products for this Linear
-                        budget.statistics += (1 if algorithm == "optq" else 2) * 2.0 * n * n * budget.tokens
-        with meter.phase("setup"):
-            quantized = restore_linears(block, originals)
-        for name, Q in quantized.items():
-            W = floats[name]
-            reports.append(LayerReport(
-                block=i, name=name, out_features=W.shape[0], in_features=W.shape[1],
-                weight_rel_error=float((W - Q.float()).norm() / W.norm().clamp(min=1e-30)),
-                output_rel_error=None, damping=math.nan, cholesky_retries=0, dead_inputs=0,
-                collapsed_groups=_collapsed_groups(W, W.shape[1] if spec.group_size in (-1, None) else spec.group_size),
-                solve_s=solve_s.get(name, 0.0)))
-        if not data_free:
-            with meter.phase("forward"):
-                hidden = [_block_output(block, x, kw) for x, kw in zip(hidden, kwargs)]
-        block.to("cpu")
+        with naming_out_of_memory(f"block {i}", device, lambda: out_of_memory_advice(
+                windows, batch_size, sum(x.numel() * x.element_size() for x in hidden), 0, 0.0)):
+            block.to(device)
+            floats = {name: layer.weight.data.to(torch.float32, copy=True) for group in linear_groups(block)
+                      for name, layer in group}
+            with meter.phase("setup"):  # QuantLinears in, weight quantizers initialised
+                originals = to_quant_linears(block, [name for group in linear_groups(block) for name, _ in group], spec)
+            solve_s: dict[str, float] = {}
+            if not data_free:
+                with _mode(block, algorithm, options, device) as gpxq:
+                    for _ in range(gpxq.num_layers):
+                        with meter.phase("forward+statistics"):
+                            for x, kw in zip(hidden, kwargs):
+                                block(x, **kw)
+                        names = sorted(gpxq.current_layer.layer_names)
+                        with meter.phase("solve"):
+                            start = time.perf_counter()
+                            gpxq.update()
+                            _sync(device)
+                        for name in names:
+                            solve_s[name] = (time.perf_counter() - start) / len(names)
+                            n = originals[name].in_features  # Brevitas's own H (and G) products for this Linear
+                            budget.statistics += (1 if algorithm == "optq" else 2) * 2.0 * n * n * budget.tokens
+            with meter.phase("setup"):
+                quantized = restore_linears(block, originals)
+            for name, Q in quantized.items():
+                W = floats[name]
+                reports.append(LayerReport(
+                    block=i, name=name, out_features=W.shape[0], in_features=W.shape[1],
+                    weight_rel_error=float((W - Q.float()).norm() / W.norm().clamp(min=1e-30)),
+                    output_rel_error=None, damping=math.nan, cholesky_retries=0, dead_inputs=0,
+                    collapsed_groups=_collapsed_groups(W, W.shape[1] if spec.group_size in (-1, None) else spec.group_size),
+                    solve_s=solve_s.get(name, 0.0)))
+            if not data_free:
+                with meter.phase("forward"):
+                    hidden = [_block_output(block, x, kw) for x, kw in zip(hidden, kwargs)]
+            block.to("cpu")
     return reports, budget

@@ -32,7 +32,7 @@ class UsageError(Exception):
 
 
 class RunFailed(Exception):
-    """A numerical failure during quantization or evaluation, recorded as a failed row: exit status 3
+    """A numerical failure or a block that ran out of device memory, recorded as a failed row: exit status 3
     (in a multirun the sweep goes on with its other jobs)."""
 
 
@@ -438,7 +438,7 @@ def run(cfg) -> None:
         t0 = time.perf_counter()
         metrics = measure(model, tokenizer, windows, zeroshot, cfg, device, key)
         eval_s = time.perf_counter() - t0
-    except FloatingPointError as exc:  # recorded as a failed run: never a NaN presented as a result
+    except (FloatingPointError, pipeline.DeviceOutOfMemory) as exc:  # a failed row: never a NaN result
         row.update(status="failed", error=str(exc), load_time_s=load_s, **preprocess_report, **peak_memory_mb(device))
         table.write(row)
         raise RunFailed(f"run {key} failed: {exc} (recorded with status=failed in {table.dir})") from None

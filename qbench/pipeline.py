@@ -36,6 +36,54 @@ class _Stop(Exception):
     """Raised from a hook to end a forward pass once the wanted input has been captured."""
 
 
+class DeviceOutOfMemory(RuntimeError):
+    """A decoder block did not fit on the device; the message names the block and what would fit."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory error (CUDA, MPS, XPU), or the CPU allocator's refusal (a RuntimeError)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def out_of_memory_advice(windows: int, batch_size: int, activation_bytes: int, cache_bytes: int,
+                         float_cache_gb: float) -> str:
+    """The settings that shrink what one block holds on the device, each with what it saves.
+
+    The block's calibration activations (X̃, and X for `dual`) scale with `data.nsamples`; one forward
+    pass's peak with `calibration.batch_size`; the per-block caches are bounded by
+    `calibration.float_cache_gb` (below it they are recomputed instead: same numbers, more passes).
+    """
+    ways = []
+    if cache_bytes > 0:
+        smaller = math.floor(cache_bytes / 2**30 / 2 * 100) / 100
+        ways.append(f"calibration.float_cache_gb={smaller:g} (the block's caches hold {_gib(cache_bytes)} "
+                    f"under the current {float_cache_gb:g}; 0 recomputes everything: same numbers, more passes)")
+    if batch_size > 1:
+        ways.append(f"calibration.batch_size={batch_size // 2} (halves one forward pass's peak)")
+    if windows > 1:
+        ways.append(f"data.nsamples={windows // 2} (the calibration activations take {_gib(activation_bytes)})")
+    ways.append("device=cpu")
+    return "try " + ", or ".join(ways)
+
+
+@contextlib.contextmanager
+def naming_out_of_memory(where: str, device: torch.device, advice):
+    """Turn an out-of-memory error inside the block loop into one DeviceOutOfMemory line: `where` it
+    happened and `advice()` (called only on failure, when the sizes are known)."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeviceOutOfMemory(f"{where} did not fit on {device} ({first[:160]}); {advice()}") from None
+
+
 @dataclass
 class LayerReport:
     """Telemetry of one quantized Linear."""
@@ -289,81 +337,94 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     budget = Budget()
     if not solver.needs_H:  # data-free: no forward passes at all
         for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name}", disable=not progress)):
-            block.to(device)
-            for group in linear_groups(block):
-                with meter.phase("solve"):
-                    reports += _solve_group(group, None, None, solver, spec, options, i)
-            block.to("cpu")
+            with naming_out_of_memory(f"block {i}", device, lambda: "try device=cpu"):
+                block.to(device)
+                for group in linear_groups(block):
+                    with meter.phase("solve"):
+                        reports += _solve_group(group, None, None, solver, spec, options, i)
+                block.to("cpu")
         return reports, budget
     if calibration_ids is None:
         raise ValueError(f"algorithm {algorithm.name} needs calibration data")
-    with meter.phase("forward"):
+    windows = calibration_ids.shape[0]
+    hidden_bytes = 4 * calibration_ids.numel() * model.config.hidden_size
+    with meter.phase("forward"), naming_out_of_memory("the inputs of block 0", device, lambda: out_of_memory_advice(
+            windows, batch_size, hidden_bytes, 0, float_cache_gb)):
         x_q, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
     budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
     carry_float = solver.needs_G and stream == "dual"
     x_f = [x.clone() for x in x_q] if carry_float else None
     for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} blocks", disable=not progress)):
-        block.to(device)
-        groups = linear_groups(block)
-        float_block, float_layers, float_inputs = None, {}, None
-        if solver.needs_G:
-            float_block = copy.deepcopy(block)
-            fakequant.set_enabled(float_block, False)
-            float_layers = dict(float_block.named_modules())
-            firsts = [group[0][0] for group in groups]
-            cache_bytes = 4 * budget.tokens * sum(group[0][1].in_features for group in groups)
-            if cache_bytes <= float_cache_gb * 2**30:  # X of every group from one float pass
-                with meter.phase("forward"):
-                    float_inputs, float_outputs = _float_pass(
-                        float_block, firsts, x_f if carry_float else x_q, kwargs, keep_output=carry_float)
-                if carry_float:
-                    x_f = float_outputs
-        linears_out = sum(layer.out_features for group in groups for _, layer in group)
-        memo = OutputCache(block) if 4 * budget.tokens * linears_out <= float_cache_gb * 2**30 else None
-        for group in groups:
-            first_name, first = group[0]
-            n = first.in_features
-            # H = H_same + H_diff and G = H_same + G_diff, where "same" batches have X ≡ X̃ (e.g. the
-            # q/k/v input in the quantized stream): their G contribution is H's, no second product
-            H = torch.zeros(n, n, dtype=torch.float32, device=device)
-            G = torch.zeros(n, n, dtype=torch.float32, device=device) if solver.needs_G else None
-            H_same = torch.zeros_like(H) if solver.needs_G else None
-            m = 0
-            for b in range(len(x_q)):
-                with meter.phase("forward"), (memo.replay(b) if memo else contextlib.nullcontext()):
-                    Xq = _capture_input(block, first, x_q[b], kwargs[b])  # X̃ᵀ: [tokens, n]
-                    if G is not None and float_inputs is None:  # over the cache budget: X for this group only
-                        source = x_f[b] if carry_float else x_q[b]
-                        Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b])
-                    elif G is not None:
-                        Xf = float_inputs[b][first_name]
+        sizes = {"cache": 0}
+        with naming_out_of_memory(f"block {i}", device, lambda: out_of_memory_advice(
+                windows, batch_size, _nbytes(x_q) + _nbytes(x_f), sizes["cache"], float_cache_gb)):
+            block.to(device)
+            groups = linear_groups(block)
+            float_block, float_layers, float_inputs = None, {}, None
+            if solver.needs_G:
+                float_block = copy.deepcopy(block)
+                fakequant.set_enabled(float_block, False)
+                float_layers = dict(float_block.named_modules())
+                firsts = [group[0][0] for group in groups]
+                cache_bytes = 4 * budget.tokens * sum(group[0][1].in_features for group in groups)
+                if cache_bytes <= float_cache_gb * 2**30:  # X of every group from one float pass
+                    sizes["cache"] += cache_bytes
+                    with meter.phase("forward"):
+                        float_inputs, float_outputs = _float_pass(
+                            float_block, firsts, x_f if carry_float else x_q, kwargs, keep_output=carry_float)
+                    if carry_float:
+                        x_f = float_outputs
+            linears_out = sum(layer.out_features for group in groups for _, layer in group)
+            memo = OutputCache(block) if 4 * budget.tokens * linears_out <= float_cache_gb * 2**30 else None
+            sizes["cache"] += 4 * budget.tokens * linears_out if memo else 0
+            for group in groups:
+                first_name, first = group[0]
+                n = first.in_features
+                # H = H_same + H_diff and G = H_same + G_diff, where "same" batches have X ≡ X̃ (e.g. the
+                # q/k/v input in the quantized stream): their G contribution is H's, no second product
+                H = torch.zeros(n, n, dtype=torch.float32, device=device)
+                G = torch.zeros(n, n, dtype=torch.float32, device=device) if solver.needs_G else None
+                H_same = torch.zeros_like(H) if solver.needs_G else None
+                m = 0
+                for b in range(len(x_q)):
+                    with meter.phase("forward"), (memo.replay(b) if memo else contextlib.nullcontext()):
+                        Xq = _capture_input(block, first, x_q[b], kwargs[b])  # X̃ᵀ: [tokens, n]
+                        if G is not None and float_inputs is None:  # over the cache budget: X for this group only
+                            source = x_f[b] if carry_float else x_q[b]
+                            Xf = _capture_input(float_block, float_layers[first_name], source, kwargs[b])
+                        elif G is not None:
+                            Xf = float_inputs[b][first_name]
+                    with meter.phase("statistics"):
+                        _accumulate(H, G, H_same, Xq.float(), None if G is None else Xf.float(), budget)
+                    m += Xq.shape[0]
                 with meter.phase("statistics"):
-                    _accumulate(H, G, H_same, Xq.float(), None if G is None else Xf.float(), budget)
-                m += Xq.shape[0]
-            with meter.phase("statistics"):
-                if G is not None:
-                    H += H_same
-                    G += H_same
-                H /= m
-                if G is not None:
-                    G /= m
-            if not torch.isfinite(H).all() or (G is not None and not torch.isfinite(G).all()):
-                raise FloatingPointError(f"block {i} {first_name}: the calibration inputs hold NaN or Inf "
-                                         "(a transform or an activation quantizer broke the model)")
-            with meter.phase("solve"):
-                reports += _solve_group(group, H, G, solver, spec, options, i)
-            if memo:
-                memo.mark_solved([name for name, _ in group])
-        with meter.phase("forward"):
-            for b in range(len(x_q)):
-                with memo.replay(b) if memo else contextlib.nullcontext():
-                    x_q[b] = _block_output(block, x_q[b], kwargs[b])
-            if carry_float and float_inputs is None:
-                x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
-        del float_block, float_layers, float_inputs, memo
-        block.to("cpu")
+                    if G is not None:
+                        H += H_same
+                        G += H_same
+                    H /= m
+                    if G is not None:
+                        G /= m
+                if not torch.isfinite(H).all() or (G is not None and not torch.isfinite(G).all()):
+                    raise FloatingPointError(f"block {i} {first_name}: the calibration inputs hold NaN or Inf "
+                                             "(a transform or an activation quantizer broke the model)")
+                with meter.phase("solve"):
+                    reports += _solve_group(group, H, G, solver, spec, options, i)
+                if memo:
+                    memo.mark_solved([name for name, _ in group])
+            with meter.phase("forward"):
+                for b in range(len(x_q)):
+                    with memo.replay(b) if memo else contextlib.nullcontext():
+                        x_q[b] = _block_output(block, x_q[b], kwargs[b])
+                if carry_float and float_inputs is None:
+                    x_f = [_block_output(float_block, x_f[b], kwargs[b]) for b in range(len(x_f))]
+            del float_block, float_layers, float_inputs, memo
+            block.to("cpu")
         faults.failpoint("calibration")
     return reports, budget
+
+
+def _nbytes(tensors: Optional[list[Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors or [])
 
 
 def _accumulate(H: Tensor, G: Optional[Tensor], H_same: Optional[Tensor], Xq: Tensor, Xf: Optional[Tensor],

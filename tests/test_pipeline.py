@@ -164,3 +164,60 @@ def test_replaying_final_outputs_changes_nothing_but_the_work(tiny_llama, one_th
         assert torch.equal(value, plain[name]), name
     assert cached_flops["forward"] < 0.7 * plain_flops["forward"]
     assert cached_flops["statistics"] == plain_flops["statistics"] and cached_flops["solve"] == plain_flops["solve"]
+
+
+def _failing_solve(block_index, error):
+    """A _solve_group stand-in that raises `error` when it reaches `block_index`."""
+    from qbench import pipeline
+
+    real = pipeline._solve_group
+
+    def solve(group, H, G, solver, spec, options, i):
+        if i == block_index:
+            raise error
+        return real(group, H, G, solver, spec, options, i)
+
+    return solve
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 2147483648 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_out_of_memory_names_the_block_and_the_settings_that_fit(tiny_llama, monkeypatch, error):
+    from qbench import pipeline
+
+    monkeypatch.setattr(pipeline, "_solve_group", _failing_solve(1, error))
+    ids = torch.randint(2, 258, (8, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(pipeline.DeviceOutOfMemory) as caught:
+        quantize_model(tiny_llama, GridSpec(bits=4), OmegaConf.create({"name": "qronos"}), ids,
+                       batch_size=4, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("block 1 did not fit on cpu (")
+    # the caches of this block are tiny but present, the batch can halve, the windows can halve
+    assert "calibration.float_cache_gb=0 " in message
+    assert "calibration.batch_size=2 " in message
+    assert "data.nsamples=4 " in message and message.endswith("device=cpu")
+    # X̃ of 8 windows x 16 tokens x 64 hidden, float32
+    assert f"take {8 * 16 * 64 * 4 / 2**30:.2f} GiB" in message
+
+
+def test_other_runtime_errors_pass_through(tiny_llama, monkeypatch):
+    from qbench import pipeline
+
+    monkeypatch.setattr(pipeline, "_solve_group", _failing_solve(0, RuntimeError("shape mismatch")))
+    ids = torch.randint(2, 258, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        quantize_model(tiny_llama, GridSpec(bits=4), OmegaConf.create({"name": "optq"}), ids, progress=False)
+
+
+def test_out_of_memory_advice_sizes_the_cache_setting():
+    from qbench.pipeline import out_of_memory_advice
+
+    advice = out_of_memory_advice(windows=1, batch_size=1, activation_bytes=2**30, cache_bytes=3 * 2**30,
+                                  float_cache_gb=4.0)
+    # half of what the caches held, so this block's caches are recomputed; nothing else can shrink
+    assert advice == ("try calibration.float_cache_gb=1.5 (the block's caches hold 3.00 GiB under the current 4; "
+                      "0 recomputes everything: same numbers, more passes), or device=cpu")

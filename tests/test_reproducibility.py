@@ -67,3 +67,29 @@ def test_nan_from_a_broken_transform_is_a_failed_row(tmp_path, monkeypatch):
     assert row["status"] == "failed" and "NaN" in row["error"]
     assert not any(k.startswith("ppl/") for k in row)
     assert not tracking.ResultsTable(str(tmp_path)).finished(row["run_key"])
+
+
+def test_out_of_memory_in_a_block_is_a_failed_row_naming_it(tmp_path, monkeypatch):
+    """Out of device memory in block 1: one line naming the block and a setting that fits, exit 3 through
+    RunFailed, a failed row (retried by the next run), no perplexity."""
+    from hydra import compose, initialize_config_dir
+
+    from qbench import cli, pipeline, tracking
+    from qbench.config import register_configs
+
+    real = pipeline._solve_group
+
+    def solve(group, H, G, solver, spec, options, i):
+        if i == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(group, H, G, solver, spec, options, i)
+
+    monkeypatch.setattr(pipeline, "_solve_group", solve)
+    register_configs()
+    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, "algorithm=gpfq", f"tracking.dir={tmp_path}"])
+    with pytest.raises(cli.RunFailed, match=r"block 1 did not fit on cpu \(CUDA out of memory.*calibration\.batch_size=2"):
+        cli.run(cfg)
+    (row,) = tracking.ResultsTable(str(tmp_path)).frame().to_dict("records")
+    assert row["status"] == "failed" and "block 1 did not fit" in row["error"]
+    assert not any(k.startswith("ppl/") for k in row)
