@@ -203,4 +203,4 @@ def weights_digest(model: nn.Module) -> str:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()

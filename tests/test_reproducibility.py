@@ -33,7 +33,7 @@ def test_same_config_and_seed_give_identical_weights_and_metrics(tmp_path):
             (("a", ()), ("b", ()), ("c", ("seed=1",)))]
     first, second, other = rows
     assert first["run_key"] == second["run_key"] and first["deterministic"] is True
-    assert first["weights_sha256"] == second["weights_sha256"]
+    assert first["weights_sha256"] == second["weights_sha256"] and len(first["weights_sha256"]) == 64
     metrics = [k for k in first if k.startswith("ppl/")]
     assert metrics and all(first[k] == second[k] for k in metrics)
     assert [t["output_rel_error"] for t in first["telemetry"]] == [t["output_rel_error"] for t in second["telemetry"]]
