@@ -98,21 +98,46 @@ def metric_table(frame: pd.DataFrame, metric: str, label: Callable[[pd.Series], 
     return _ordered(pivot, column_order or [])
 
 
+EVAL_SETTINGS = ("eval_seqlen", "eval_max_tokens")  # numbers measured on different text never share a table
+
+
+def by_evaluation(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """Split rows by what their perplexity was measured on (window length, tokens per split), each part
+    with a short label; a float baseline then only stands beside runs evaluated the same way."""
+    keys = [c for c in EVAL_SETTINGS if c in frame]
+    if not keys:
+        return [("", frame)]
+    settings = frame[keys].astype(object).where(frame[keys].notna(), "whole split")
+    parts = []
+    for values, part in frame.groupby([settings[c] for c in keys], sort=True, dropna=False):
+        named = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        tokens = named.get("eval_max_tokens", "whole split")
+        tokens = tokens if tokens == "whole split" else f"first {int(tokens)} tokens per split"
+        window = named.get("eval_seqlen")
+        parts.append((f"{tokens}" + (f", {int(window)}-token windows" if window not in (None, "whole split") else ""),
+                      part))
+    return parts
+
+
 def render(frame: pd.DataFrame, metrics: list[str] | None = None, model: str | None = None) -> str:
     """Markdown tables of the chosen perplexity metrics, one per model."""
     if frame.empty:
         return "(the results table is empty)"
     metrics = metrics or sorted(c for c in frame.columns if c.startswith("ppl/"))
     parts = []
-    for name, group in frame.groupby("model"):
+    for name, rows in frame.groupby("model"):
         if model and name != model:
             continue
-        for metric in metrics:
-            if metric not in group or group[metric].isna().all():
-                continue
-            table = metric_table(group, metric)
-            cells = table.astype(object).where(table.notna(), None)  # tabulate marks None, not NaN
-            parts.append(f"### {name}: {metric}\n\n" + cells.to_markdown(floatfmt=".3f", missingval=MISSING))
+        evaluations = by_evaluation(rows)
+        for evaluation, group in evaluations:
+            where = f" ({evaluation})" if len(evaluations) > 1 else ""
+            for metric in metrics:
+                if metric not in group or group[metric].isna().all():
+                    continue
+                table = metric_table(group, metric)
+                cells = table.astype(object).where(table.notna(), None)  # tabulate marks None, not NaN
+                parts.append(f"### {name}: {metric}{where}\n\n"
+                             + cells.to_markdown(floatfmt=".3f", missingval=MISSING))
     return "\n\n".join(parts) if parts else "(no matching rows)"
 
 
@@ -371,22 +396,33 @@ def build_report(frame: pd.DataFrame, out: Path, metric: Optional[str] = None, z
     out.mkdir(parents=True, exist_ok=True)
     order = list(dict.fromkeys(reference["setting"]))
     markdown, latex = [], []
+    sections = []
     for name in models:
-        group = frame[frame["model"] == name]
-        ppl_metric = pick_metric(group, metric)
+        evaluations = by_evaluation(frame[frame["model"] == name])
+        sections += [(name, evaluation if len(evaluations) > 1 else "", group) for evaluation, group in evaluations]
+    for name, evaluation, group in sections:
+        try:
+            ppl_metric = pick_metric(group, metric)
+        except ReportError:
+            if len(sections) > 1:  # this evaluation lacks the metric; another section has it
+                continue
+            raise
         zs_metric = pick_zeroshot(group, zeroshot)
         md = paper_table(group, ppl_metric, zs_metric, reference, bold=lambda s: f"**{s}**")
         if md.empty:
             continue
         with_reference = any(c.endswith("(paper)") for c in md.columns)
         caption = _caption(name, ppl_metric, zs_metric, with_reference)
-        section = [f"## {name}", ""]
+        title = f"{name}, {evaluation}" if evaluation else name
+        section = [f"## {title}", ""]
         note = group["model_note"].dropna().iloc[-1] if "model_note" in group and group["model_note"].notna().any() else ""
         section += [f"{caption}" + (f" Model: {note}." if note else ""), "", md.to_markdown(), ""]
         tex = paper_table(group, ppl_metric, zs_metric, reference, bold=lambda s: f"\\textbf{{{s}}}")
         latex.append(to_latex(tex, caption))
         if plots:
-            safe = re.sub(r"[^\w.-]", "_", str(name))
+            # one plot pair per evaluation: e.g. -eval8192x2048 for 8192 tokens per split, 2048-token windows
+            tag = "x".join(re.findall(r"\d+", evaluation)) or "all" if evaluation else ""
+            safe = re.sub(r"[^\w.-]", "_", str(name) + (f"-eval{tag}" if tag else ""))
             bits_png = plot_ppl_vs_bits(group, ppl_metric, out / f"ppl_vs_bits-{safe}.png")
             layers_png = plot_layer_errors(group, out / f"layer_error-{safe}.png", paper_label(paper_settings(reference)),
                                            order)

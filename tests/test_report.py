@@ -144,3 +144,20 @@ def test_brevitas_backend_rows_get_their_own_column():
                                                **{"ppl/d/gptq": 31.0})])], ignore_index=True)
     table = metric_table(rows, "ppl/d/gptq")
     assert table.loc["qronos", "w3"] == 30.0 and table.loc["qronos", "w3 [brevitas]"] == 31.0
+
+
+def test_runs_evaluated_on_different_text_get_separate_tables(tmp_path):
+    """A float baseline measured on 16384 tokens must not stand beside runs measured on 8192."""
+    rows = frame().assign(eval_seqlen=2048, eval_max_tokens=16384)
+    short = pd.DataFrame([
+        dict(model="m", status="ok", preprocess="quarot", calib_stream="quantized", algorithm=a, quant=q,
+             eval_seqlen=2048, eval_max_tokens=8192, **{"ppl/d/gptq": v})
+        for a, q, v in (("float", "float", 12.0), ("rtn", "w4a4", 90.0))])
+    both = pd.concat([rows, short], ignore_index=True)
+    text = render(both, ["ppl/d/gptq"])
+    long_part, short_part = text.split("### m: ppl/d/gptq (first 16384")[1], text.split("(first 16384")[0]
+    assert "(first 8192 tokens per split, 2048-token windows)" in short_part
+    assert "12.000" in short_part and "10.000" not in short_part  # each float beside its own runs
+    assert "10.000" in long_part and "12.000" not in long_part and "w4a4" not in long_part
+    md, _ = report.build_report(both, tmp_path, metric="ppl/d/gptq", plots=False)
+    assert md.count("## m, first") == 2
