@@ -207,7 +207,8 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
         budget.tokens = sum(x.shape[0] * x.shape[1] for x in hidden)
     for i, block in enumerate(tqdm(blocks, desc=f"brevitas {algorithm} blocks", disable=not progress)):
         with naming_out_of_memory(f"block {i}", device, lambda: out_of_memory_advice(
-                windows, batch_size, sum(x.numel() * x.element_size() for x in hidden), 0, 0.0)):
+                windows, batch_size, sum(x.numel() * x.element_size() for x in hidden), 0, 0.0,
+                device.type)):
             block.to(device)
             floats = {name: layer.weight.data.to(torch.float32, copy=True) for group in linear_groups(block)
                       for name, layer in group}

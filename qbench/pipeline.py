@@ -51,7 +51,7 @@ def _gib(n_bytes: float) -> str:
 
 
 def out_of_memory_advice(windows: int, batch_size: int, activation_bytes: int, cache_bytes: int,
-                         float_cache_gb: float) -> str:
+                         float_cache_gb: float, device_type: str = "cuda") -> str:
     """The settings that shrink what one block holds on the device, each with what it saves.
 
     The block's calibration activations (X̃, and X for `dual`) scale with `data.nsamples`; one forward
@@ -67,8 +67,12 @@ def out_of_memory_advice(windows: int, batch_size: int, activation_bytes: int, c
         ways.append(f"calibration.batch_size={batch_size // 2} (halves one forward pass's peak)")
     if windows > 1:
         ways.append(f"data.nsamples={windows // 2} (the calibration activations take {_gib(activation_bytes)})")
-    ways.append("device=cpu")
+    ways.append(_last_resort(device_type))
     return "try " + ", or ".join(ways)
+
+
+def _last_resort(device_type: str) -> str:
+    return "a machine with more memory" if device_type == "cpu" else "device=cpu (the host's memory)"
 
 
 @contextlib.contextmanager
@@ -337,7 +341,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     budget = Budget()
     if not solver.needs_H:  # data-free: no forward passes at all
         for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name}", disable=not progress)):
-            with naming_out_of_memory(f"block {i}", device, lambda: "try device=cpu"):
+            with naming_out_of_memory(f"block {i}", device, lambda: "try " + _last_resort(device.type)):
                 block.to(device)
                 for group in linear_groups(block):
                     with meter.phase("solve"):
@@ -349,7 +353,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     windows = calibration_ids.shape[0]
     hidden_bytes = 4 * calibration_ids.numel() * model.config.hidden_size
     with meter.phase("forward"), naming_out_of_memory("the inputs of block 0", device, lambda: out_of_memory_advice(
-            windows, batch_size, hidden_bytes, 0, float_cache_gb)):
+            windows, batch_size, hidden_bytes, 0, float_cache_gb, device.type)):
         x_q, kwargs = capture_block_inputs(model, calibration_ids, batch_size, device)
     budget.tokens = sum(x.shape[0] * x.shape[1] for x in x_q)
     carry_float = solver.needs_G and stream == "dual"
@@ -357,7 +361,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
     for i, block in enumerate(tqdm(blocks, desc=f"{algorithm.name} blocks", disable=not progress)):
         sizes = {"cache": 0}
         with naming_out_of_memory(f"block {i}", device, lambda: out_of_memory_advice(
-                windows, batch_size, _nbytes(x_q) + _nbytes(x_f), sizes["cache"], float_cache_gb)):
+                windows, batch_size, _nbytes(x_q) + _nbytes(x_f), sizes["cache"], float_cache_gb, device.type)):
             block.to(device)
             groups = linear_groups(block)
             float_block, float_layers, float_inputs = None, {}, None
