@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qbench.models import decoder_blocks, linear_groups
-from qbench.pipeline import (Budget, LayerReport, _block_output, _collapsed_groups, capture_block_inputs,
+from qbench.pipeline import (Budget, LayerReport, _block_output, _collapsed_groups, _nbytes, capture_block_inputs,
                              naming_out_of_memory, out_of_memory_advice)
 from qbench.quantizers import GridSpec
 
@@ -207,8 +207,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm: str, calibration
         budget.tokens = sum(x.shape[0] * x.shape[1] for x in hidden)
     for i, block in enumerate(tqdm(blocks, desc=f"brevitas {algorithm} blocks", disable=not progress)):
         with naming_out_of_memory(f"block {i}", device, lambda: out_of_memory_advice(
-                windows, batch_size, sum(x.numel() * x.element_size() for x in hidden), 0, 0.0,
-                device.type)):
+                windows, batch_size, _nbytes(hidden), 0, 0.0, device.type)):
             block.to(device)
             floats = {name: layer.weight.data.to(torch.float32, copy=True) for group in linear_groups(block)
                       for name, layer in group}

@@ -81,7 +81,7 @@ def naming_out_of_memory(where: str, device: torch.device, advice):
     happened and `advice()` (called only on failure, when the sizes are known)."""
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not is_out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

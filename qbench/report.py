@@ -101,21 +101,23 @@ def metric_table(frame: pd.DataFrame, metric: str, label: Callable[[pd.Series], 
 EVAL_SETTINGS = ("eval_seqlen", "eval_max_tokens")  # numbers measured on different text never share a table
 
 
-def by_evaluation(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def by_evaluation(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
     """Split rows by what their perplexity was measured on (window length, tokens per split), each part
-    with a short label; a float baseline then only stands beside runs evaluated the same way."""
+    with a short label and a file-name tag (e.g. 8192x2048); a float baseline then only stands beside
+    runs evaluated the same way."""
     keys = [c for c in EVAL_SETTINGS if c in frame]
     if not keys:
-        return [("", frame)]
-    settings = frame[keys].astype(object).where(frame[keys].notna(), "whole split")
+        return [("", "", frame)]
+    whole = "whole split"  # max_tokens null: every token of the split
+    settings = frame[keys].astype(object).where(frame[keys].notna(), whole)
     parts = []
     for values, part in frame.groupby([settings[c] for c in keys], sort=True, dropna=False):
         named = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
-        tokens = named.get("eval_max_tokens", "whole split")
-        tokens = tokens if tokens == "whole split" else f"first {int(tokens)} tokens per split"
-        window = named.get("eval_seqlen")
-        parts.append((f"{tokens}" + (f", {int(window)}-token windows" if window not in (None, "whole split") else ""),
-                      part))
+        tokens, window = named.get("eval_max_tokens", whole), named.get("eval_seqlen", whole)
+        label = whole if tokens == whole else f"first {int(tokens)} tokens per split"
+        label += "" if window == whole else f", {int(window)}-token windows"
+        tag = "x".join(str(int(v)) for v in (tokens, window) if v != whole) or "all"
+        parts.append((label, tag, part))
     return parts
 
 
@@ -129,7 +131,7 @@ def render(frame: pd.DataFrame, metrics: list[str] | None = None, model: str | N
         if model and name != model:
             continue
         evaluations = by_evaluation(rows)
-        for evaluation, group in evaluations:
+        for evaluation, _, group in evaluations:
             where = f" ({evaluation})" if len(evaluations) > 1 else ""
             for metric in metrics:
                 if metric not in group or group[metric].isna().all():
@@ -399,8 +401,10 @@ def build_report(frame: pd.DataFrame, out: Path, metric: Optional[str] = None, z
     sections = []
     for name in models:
         evaluations = by_evaluation(frame[frame["model"] == name])
-        sections += [(name, evaluation if len(evaluations) > 1 else "", group) for evaluation, group in evaluations]
-    for name, evaluation, group in sections:
+        several = len(evaluations) > 1
+        sections += [(name, label if several else "", tag if several else "", group)
+                     for label, tag, group in evaluations]
+    for name, evaluation, tag, group in sections:
         try:
             ppl_metric = pick_metric(group, metric)
         except ReportError:
@@ -421,7 +425,6 @@ def build_report(frame: pd.DataFrame, out: Path, metric: Optional[str] = None, z
         latex.append(to_latex(tex, caption))
         if plots:
             # one plot pair per evaluation: e.g. -eval8192x2048 for 8192 tokens per split, 2048-token windows
-            tag = "x".join(re.findall(r"\d+", evaluation)) or "all" if evaluation else ""
             safe = re.sub(r"[^\w.-]", "_", str(name) + (f"-eval{tag}" if tag else ""))
             bits_png = plot_ppl_vs_bits(group, ppl_metric, out / f"ppl_vs_bits-{safe}.png")
             layers_png = plot_layer_errors(group, out / f"layer_error-{safe}.png", paper_label(paper_settings(reference)),
