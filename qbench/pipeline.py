@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from qbench import fakequant, faults
-from qbench.algorithms import REGISTRY, Solver
+from qbench.algorithms import REGISTRY, Solver, all_finite
 from qbench.models import decoder_blocks, linear_groups
 from qbench.quantizers import GridSpec, build_grid
 
@@ -296,7 +296,7 @@ def _solve_group(group: list[tuple[str, nn.Linear]], H: Optional[Tensor], G: Opt
     start = time.perf_counter()
     Q = solver.quantize(W, H, G, grid, info=info, **options)
     solve_s = time.perf_counter() - start
-    if not torch.isfinite(Q).all():
+    if not all_finite(Q):
         raise FloatingPointError(f"block {block} {group[0][0]}: the {solver.module} solver produced NaN/Inf")
     reports, row = [], 0
     for (name, layer), W_i in zip(group, Ws):
@@ -408,7 +408,7 @@ def quantize_model(model: nn.Module, spec: GridSpec, algorithm, calibration_ids:
                     H /= m
                     if G is not None:
                         G /= m
-                if not torch.isfinite(H).all() or (G is not None and not torch.isfinite(G).all()):
+                if not all_finite(H, *([] if G is None else [G])):
                     raise FloatingPointError(f"block {i} {first_name}: the calibration inputs hold NaN or Inf "
                                              "(a transform or an activation quantizer broke the model)")
                 with meter.phase("solve"):

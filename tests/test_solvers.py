@@ -338,3 +338,16 @@ def test_mxfp4_grid_matches_slow_definition(name):
     Q = SOLVERS[name](W, H, G, grid, **kw)
     assert torch.equal(grid.quantize(Q), Q)
     assert_same(Q, SLOW[name](W, X, Xt, grid, list(range(N))), W, X, Xt)
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    big = torch.full((8, 8), 3e38)  # every element finite, the float32 sum is +Inf
+    assert torch.isinf(big.sum())
+    assert _linalg.all_finite(big, torch.zeros(3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        A = torch.randn(5, 7)
+        A[2, 3] = bad
+        assert not _linalg.all_finite(torch.ones(2), A), bad
+        assert not _linalg.all_finite(A.double()), bad
+    cancelling = torch.tensor([float("inf"), -float("inf"), 1.0])  # sums to NaN
+    assert not _linalg.all_finite(cancelling)

@@ -10,6 +10,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from ._linalg import all_finite  # noqa: F401  (the pipeline's NaN/Inf checks use the solvers' fast one)
+
 
 @dataclass(frozen=True)
 class Solver:

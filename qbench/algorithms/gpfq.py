@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _linalg
+from . import _kernels, _linalg
 
 BLOCK = 128  # lazy-batch width; any value gives the same Q up to rounding
 
@@ -36,24 +36,29 @@ def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Opti
     G[:, dead] = 0
 
     perm = _linalg.act_order_perm(H, act_order)
-    W = W[:, perm]
+    W = _linalg.permute_cols(W, perm)
     H = _linalg.permute_sym(H, perm)
     G = _linalg.permute_sym(G, perm)
-    cols = perm.tolist()
+    cols = _linalg.solve_order(perm, N)
 
     # Aᵀ[t] = Σ_{j≤t} w_j G[j,t] for every row at once; kept transposed so column t is a contiguous row
     AT = torch.triu(G).T @ W.T
-    d = torch.diagonal(H).tolist()
+    diag = torch.diagonal(H).contiguous()
+    d = diag.tolist()
     QT = torch.empty_like(AT)
+    fused = _kernels.fused_grid(quantizer, AT, cols)  # a compiled loop per block where it can run
     for i1 in range(0, N, BLOCK):
         i2 = min(i1 + BLOCK, N)
-        for t in range(i1, i2):  # AT[t] holds A − Σ_{j<t} q_j H[j,t] once column t is reached
-            q = _linalg.quantize_column(quantizer, AT[t].div_(d[t]), cols[t], QT[t])
-            if t + 1 < i2:  # correction inside the block
-                AT[t + 1:i2].addr_(H[t, t + 1:i2], q, alpha=-1)
+        if fused is not None:
+            _kernels.gpfq_block(AT, QT, H, diag, fused, i1, i2)
+        else:
+            for t in range(i1, i2):  # AT[t] holds A − Σ_{j<t} q_j H[j,t] once column t is reached
+                q = _linalg.quantize_column(quantizer, AT[t].div_(d[t]), cols[t], QT[t])
+                if t + 1 < i2:  # correction inside the block
+                    AT[t + 1:i2].addr_(H[t, t + 1:i2], q, alpha=-1)
         if i2 < N:  # and for all later columns, once per block
             AT[i2:].addmm_(H[i1:i2, i2:].T, QT[i1:i2], alpha=-1)
     Q = QT.T
 
     _linalg.write_info(info, 0.0, 0, int(dead.sum()))
-    return Q[:, _linalg.inverse_perm(perm)].to(dtype)
+    return _linalg.unpermute_cols(Q, perm).to(dtype)

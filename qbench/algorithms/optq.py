@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _linalg
+from . import _kernels, _linalg
 
 
 def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> Tensor:
@@ -27,16 +27,20 @@ def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_
     WT = W.T.contiguous()  # [N, M]: row t is column t of W
     QT = torch.empty_like(WT)
     d = torch.diagonal(U).tolist()
+    fused = _kernels.fused_grid(quantizer, WT, cols)  # a compiled loop per block where it can run
     for i1 in range(0, N, block_size):
         i2 = min(i1 + block_size, N)
         ET = torch.empty(i2 - i1, M, dtype=W.dtype, device=W.device)  # scaled errors (v_t − q_t)/U[t,t]
-        for t in range(i1, i2):
-            w, q = WT[t], QT[t]
-            _linalg.quantize_column(quantizer, w, cols[t], q)
-            e = ET[t - i1]
-            torch.sub(w, q, out=e).div_(d[t])
-            if t + 1 < i2:  # v_{>t} update inside the block: v_j −= e·U[t, j]
-                WT[t + 1:i2].addr_(U[t, t + 1:i2], e, alpha=-1)
+        if fused is not None:
+            _kernels.optq_block(WT, QT, ET, U, fused, i1, i2)
+        else:
+            for t in range(i1, i2):
+                w, q = WT[t], QT[t]
+                _linalg.quantize_column(quantizer, w, cols[t], q)
+                e = ET[t - i1]
+                torch.sub(w, q, out=e).div_(d[t])
+                if t + 1 < i2:  # v_{>t} update inside the block: v_j −= e·U[t, j]
+                    WT[t + 1:i2].addr_(U[t, t + 1:i2], e, alpha=-1)
         if i2 < N:  # the same update for all later columns, once per block
             WT[i2:].addmm_(U[i1:i2, i2:].T, ET, alpha=-1)
     W.copy_(WT.T)
@@ -60,11 +64,11 @@ def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, 
     W[:, dead] = 0  # ... and w_i = 0, as GPTQ does
 
     perm = _linalg.act_order_perm(H, act_order)
-    W = W[:, perm]
+    W = _linalg.permute_cols(W, perm)
     H = _linalg.permute_sym(H, perm)
 
     damp = percdamp * float(torch.diagonal(H).mean()) if N else 0.0
-    cols = perm.tolist()
+    cols = _linalg.solve_order(perm, N)
 
     def attempt(U: Tensor) -> tuple[Tensor, Tensor]:
         V = W.clone()  # the sweep leaves v_t, as quantized, in column t
@@ -72,4 +76,4 @@ def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, 
 
     (Q, _), damp, retries = _linalg.solve_until_finite(H, damp, attempt, "OPTQ sweep")
     _linalg.write_info(info, damp, retries, int(dead.sum()))
-    return Q[:, _linalg.inverse_perm(perm)].to(dtype)
+    return _linalg.unpermute_cols(Q, perm).to(dtype)

@@ -39,17 +39,17 @@ def quantize(W: Tensor, H: Tensor, G: Tensor, quantizer: Callable, *, info: Opti
     D[:, dead] = 0
 
     perm = _linalg.act_order_perm(H, act_order)
-    W = W[:, perm]
+    W = _linalg.permute_cols(W, perm)
     H = _linalg.permute_sym(H, perm)
     D = _linalg.permute_sym(D, perm)
     WD = W @ D  # (W(G − H))[:, t] = ⟨X̃_t, XᵀW_row − X̃ᵀW_row⟩/m per row
-    W[:, dead[perm]] = 0
-    cols = perm.tolist()
+    W[:, _linalg.permute_cols(dead, perm)] = 0
+    cols = _linalg.solve_order(perm, N)
 
     (Q, _), damp, retries = _linalg.solve_until_finite(
         H, damp, lambda U: _solve(W, WD, H, U, quantizer, cols, B), "Qronos solve")
     _linalg.write_info(info, damp, retries, int(dead.sum()))
-    return Q[:, _linalg.inverse_perm(perm)].to(dtype)
+    return _linalg.unpermute_cols(Q, perm).to(dtype)
 
 
 def _solve(W: Tensor, WD: Tensor, H: Tensor, U: Tensor, quantizer: Callable, cols: list[int],

@@ -1,0 +1,85 @@
+"""The compiled column loops (qbench.algorithms._kernels) against the torch loops they replace.
+
+The torch loops are what tests/test_solvers.py checks against the slow per-step definitions; the
+kernels must give the same Q bit for bit, and the same refitted V to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qbench.algorithms import _kernels, _linalg, gpfq, optq, qronos
+from qbench.quantizers import GridSpec, build_grid
+
+pytestmark = pytest.mark.skipif(_kernels.numba is None, reason="numba is not installed")
+
+SOLVERS = {"optq": optq.quantize, "gpfq": gpfq.quantize, "qronos": qronos.quantize}
+
+
+def layer(M, N, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(M, N, generator=g, dtype=dtype)
+    X = torch.randn(N, 3 * N, generator=g, dtype=dtype) + 0.5 * torch.randn(N, 1, generator=g, dtype=dtype)
+    Xt = X + 0.2 * torch.randn(N, 3 * N, generator=g, dtype=dtype)
+    m = X.shape[1]
+    return W, Xt @ Xt.T / m, X @ Xt.T / m
+
+
+def torch_loop(monkeypatch):
+    """Make every sweep take the torch loop (as for a non-Grid quantizer or a GPU tensor)."""
+    monkeypatch.setattr(_kernels, "numba", None)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spec,act_order", [(GridSpec(bits=4), False), (GridSpec(bits=3, group_size=8), True),
+                                            (GridSpec(bits=4, sym=True, group_size=16), False),
+                                            (GridSpec(bits=2), True)])
+def test_kernels_give_the_torch_loops_q_bit_for_bit(name, dtype, spec, act_order, monkeypatch):
+    W, H, G = layer(24, 48, dtype, seed=10 * list(SOLVERS).index(name) + int(spec.bits))
+    H[5, :] = H[:, 5] = 0  # a dead input
+    G[:, 5] = 0
+    grid = build_grid(W, spec)
+    assert _kernels.fused_grid(grid, W.T.contiguous(), range(48)) is not None
+    kw = {"act_order": act_order} if name == "gpfq" else {"act_order": act_order, "block_size": 5}
+    fused = SOLVERS[name](W, H, G, grid, **kw)
+    with monkeypatch.context() as patch:
+        torch_loop(patch)
+        reference = SOLVERS[name](W, H, G, grid, **kw)
+    assert torch.equal(fused, reference)
+    assert torch.equal(grid.quantize(fused), fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_optq_sweep_leaves_the_same_refitted_columns(dtype, monkeypatch):
+    W, H, _ = layer(16, 40, dtype, seed=3)
+    grid = build_grid(W, GridSpec(bits=3))
+    U, _, _ = _linalg.upper_inverse_cholesky(H, 1e-2)
+    V_fused, V_loop = W.clone(), W.clone()
+    Q_fused = optq.sweep(V_fused, U, grid, list(range(40)), 6)
+    torch_loop(monkeypatch)
+    Q_loop = optq.sweep(V_loop, U, grid, list(range(40)), 6)
+    assert torch.equal(Q_fused, Q_loop)
+    torch.testing.assert_close(V_fused, V_loop, rtol=0, atol=64 * torch.finfo(dtype).eps)
+
+
+def test_qronos_trailing_factor_view_is_accepted():
+    """Qronos sweeps with U[1:, 1:], a strided view: the kernel must read it through its strides."""
+    W, H, _ = layer(8, 20, torch.float32, seed=4)
+    grid = build_grid(W, GridSpec(bits=4))
+    U, _, _ = _linalg.upper_inverse_cholesky(H, 1e-2)
+    Ut = U[1:, 1:]
+    assert not Ut.is_contiguous()
+    Q_view = optq.sweep(W[:, 1:].clone(), Ut, grid, list(range(1, 20)), 4)
+    Q_copy = optq.sweep(W[:, 1:].clone(), Ut.contiguous(), grid, list(range(1, 20)), 4)
+    assert torch.equal(Q_view, Q_copy)
+
+
+def test_kernels_run_only_what_they_implement():
+    W = torch.randn(4, 64)
+    WT = W.T.contiguous()
+    assert _kernels.fused_grid(build_grid(W, GridSpec(bits=4)), WT, range(64)) is not None
+    assert _kernels.fused_grid(build_grid(W, GridSpec(bits=4, format="mxfp4")), WT, range(64)) is None
+    assert _kernels.fused_grid(lambda w, j: w.round(), WT, range(64)) is None
+    assert _kernels.fused_grid(build_grid(W, GridSpec(bits=4)), WT.bfloat16(), range(64)) is None
