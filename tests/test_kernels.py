@@ -83,3 +83,19 @@ def test_kernels_run_only_what_they_implement():
     assert _kernels.fused_grid(build_grid(W, GridSpec(bits=4, format="mxfp4")), WT, range(64)) is None
     assert _kernels.fused_grid(lambda w, j: w.round(), WT, range(64)) is None
     assert _kernels.fused_grid(build_grid(W, GridSpec(bits=4)), WT.bfloat16(), range(64)) is None
+
+
+def test_flop_counting_sees_the_torch_loop():
+    """The benchmark counts FLOPs under FlopCounterMode: the sweep must then issue torch ops it can see."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qbench.meter import extra_flop_formulas
+
+    W, H, _ = layer(8, 32, torch.float32, seed=5)
+    grid = build_grid(W, GridSpec(bits=4))
+    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+    with counter:
+        assert _kernels.fused_grid(grid, W.T.contiguous(), range(32)) is None
+        optq.quantize(W, H, None, grid, block_size=8)
+    addr = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "addr" in str(op))
+    assert addr == sum(2 * 8 * (7 - k) for k in range(8)) * 4  # in-block rank-1 updates of 4 blocks of 8

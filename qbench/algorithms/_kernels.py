@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from qbench.quantizers import Grid
 
@@ -39,9 +40,12 @@ class FusedGrid:
 
 def fused_grid(quantizer: Callable, WT: Tensor, cols: Sequence[int]) -> Optional[FusedGrid]:
     """The kernels' view of `quantizer` when they can run it (a qbench integer Grid, float32/64 on the
-    CPU, numba installed); None sends the sweep down the torch loop."""
+    CPU, numba installed); None sends the sweep down the torch loop.
+
+    Under a torch dispatch mode (the benchmark's FLOP counter and memory tracker, fake tensors) the torch
+    loop runs too: the kernels work on raw memory, so such a mode would not see their work."""
     if numba is None or type(quantizer) is not Grid or WT.device.type != "cpu" \
-            or WT.dtype not in (torch.float32, torch.float64):
+            or WT.dtype not in (torch.float32, torch.float64) or _get_current_dispatch_mode() is not None:
         return None
     group = np.asarray(cols, dtype=np.int64) // quantizer.group_size
     return FusedGrid(scale=quantizer._scale_rows.to(WT.dtype).numpy(), zero=quantizer._zero_rows.to(WT.dtype).numpy(),
