@@ -56,15 +56,15 @@ class Grid:
     group_size: int  # columns per group (N for per-channel)
 
     def __post_init__(self) -> None:
-        # one contiguous [M] scale and zero row per group: the solvers quantize a column at a time
-        self._scale_rows = self.scale.T.contiguous()
-        self._zero_rows = self.zero.T.contiguous()
+        # one contiguous [M] scale and zero row per group ([n_groups, M]): the solvers quantize a column at a time
+        self.scale_rows = self.scale.T.contiguous()
+        self.zero_rows = self.zero.T.contiguous()
 
     def __call__(self, w: Tensor, j: int | Tensor) -> Tensor:
         """Quantize column(s) w ([M] with int j, or [M, k] with a LongTensor of k original indices)."""
         if isinstance(j, int):
             g = j // self.group_size
-            s, z = self._scale_rows[g].to(w.dtype), self._zero_rows[g].to(w.dtype)
+            s, z = self.scale_rows[g].to(w.dtype), self.zero_rows[g].to(w.dtype)
         else:
             g = j // self.group_size
             s, z = self.scale[:, g].to(w.dtype), self.zero[:, g].to(w.dtype)
@@ -75,7 +75,7 @@ class Grid:
         """`self(w, j)` for one column, written into `out` (same arithmetic, no temporaries: the solvers'
         column loops call this once per column)."""
         g = j // self.group_size
-        s, z = self._scale_rows[g], self._zero_rows[g]
+        s, z = self.scale_rows[g], self.zero_rows[g]
         torch.div(w, s, out=out)
         return out.add_(z).round_().clamp_(self.qmin, self.qmax).sub_(z).mul_(s)
 

@@ -48,7 +48,7 @@ def fused_grid(quantizer: Callable, WT: Tensor, cols: Sequence[int]) -> Optional
             or WT.dtype not in (torch.float32, torch.float64) or _get_current_dispatch_mode() is not None:
         return None
     group = np.asarray(cols, dtype=np.int64) // quantizer.group_size
-    return FusedGrid(scale=quantizer._scale_rows.to(WT.dtype).numpy(), zero=quantizer._zero_rows.to(WT.dtype).numpy(),
+    return FusedGrid(scale=quantizer.scale_rows.to(WT.dtype).numpy(), zero=quantizer.zero_rows.to(WT.dtype).numpy(),
                      group=group, qmin=float(quantizer.qmin), qmax=float(quantizer.qmax))
 
 
