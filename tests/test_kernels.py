@@ -56,10 +56,9 @@ def test_optq_sweep_leaves_the_same_refitted_columns(dtype, monkeypatch):
     W, H, _ = layer(16, 40, dtype, seed=3)
     grid = build_grid(W, GridSpec(bits=3))
     U, _, _ = _linalg.upper_inverse_cholesky(H, 1e-2)
-    V_fused, V_loop = W.clone(), W.clone()
-    Q_fused = optq.sweep(V_fused, U, grid, list(range(40)), 6)
+    Q_fused, V_fused = optq.sweep(W, U, grid, list(range(40)), 6)
     torch_loop(monkeypatch)
-    Q_loop = optq.sweep(V_loop, U, grid, list(range(40)), 6)
+    Q_loop, V_loop = optq.sweep(W, U, grid, list(range(40)), 6)
     assert torch.equal(Q_fused, Q_loop)
     torch.testing.assert_close(V_fused, V_loop, rtol=0, atol=64 * torch.finfo(dtype).eps)
 
@@ -71,8 +70,8 @@ def test_qronos_trailing_factor_view_is_accepted():
     U, _, _ = _linalg.upper_inverse_cholesky(H, 1e-2)
     Ut = U[1:, 1:]
     assert not Ut.is_contiguous()
-    Q_view = optq.sweep(W[:, 1:].clone(), Ut, grid, list(range(1, 20)), 4)
-    Q_copy = optq.sweep(W[:, 1:].clone(), Ut.contiguous(), grid, list(range(1, 20)), 4)
+    Q_view, _ = optq.sweep(W[:, 1:], Ut, grid, list(range(1, 20)), 4)
+    Q_copy, _ = optq.sweep(W[:, 1:], Ut.contiguous(), grid, list(range(1, 20)), 4)
     assert torch.equal(Q_view, Q_copy)
 
 

@@ -16,12 +16,12 @@ from torch import Tensor
 from . import _kernels, _linalg
 
 
-def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> Tensor:
+def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_size: int) -> tuple[Tensor, Tensor]:
     """Lazy-batch OPTQ over the columns of W (solve order) with factor U; cols are original indices.
 
-    W is updated in place (pass a working copy): column t ends as v_t, the value that was quantized.
-    Returns Q of W's shape. The sweep runs on Wᵀ so that every column is one contiguous row: the
-    per-column work is then a handful of vector ops on contiguous memory.
+    Returns (Q, V) of W's shape: Q on the grid, and V whose column t is v_t, the refitted value that was
+    quantized; W itself is left alone. The sweep refits a transposed copy of W in place, so that every
+    column is one contiguous row: the per-column work is then a handful of vector ops on contiguous memory.
     """
     M, N = W.shape
     WT = W.T.contiguous()  # [N, M]: row t is column t of W
@@ -43,8 +43,7 @@ def sweep(W: Tensor, U: Tensor, quantizer: Callable, cols: Sequence[int], block_
                     WT[t + 1:i2].addr_(U[t, t + 1:i2], e, alpha=-1)
         if i2 < N:  # the same update for all later columns, once per block
             WT[i2:].addmm_(U[i1:i2, i2:].T, ET, alpha=-1)
-    W.copy_(WT.T)
-    return QT.T
+    return QT.T, WT.T
 
 
 def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, info: Optional[dict] = None,
@@ -70,10 +69,7 @@ def quantize(W: Tensor, H: Tensor, G: Optional[Tensor], quantizer: Callable, *, 
     damp = percdamp * float(torch.diagonal(H).mean()) if N else 0.0
     cols = _linalg.solve_order(perm, N)
 
-    def attempt(U: Tensor) -> tuple[Tensor, Tensor]:
-        V = W.clone()  # the sweep leaves v_t, as quantized, in column t
-        return sweep(V, U, quantizer, cols, B), V
-
-    (Q, _), damp, retries = _linalg.solve_until_finite(H, damp, attempt, "OPTQ sweep")
+    (Q, _), damp, retries = _linalg.solve_until_finite(
+        H, damp, lambda U: sweep(W, U, quantizer, cols, B), "OPTQ sweep")
     _linalg.write_info(info, damp, retries, int(dead.sum()))
     return _linalg.unpermute_cols(Q, perm).to(dtype)

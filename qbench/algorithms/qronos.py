@@ -69,5 +69,5 @@ def _solve(W: Tensor, WD: Tensor, H: Tensor, U: Tensor, quantizer: Callable, col
         e = (W[:, 0] - q1) / U[0, 0]
         V[:, 1:] += (WD[:, 1:] @ Ut.T) @ Ut - e[:, None] * U[0, 1:][None, :]
         # (O) steps 2..N: q_t = Q(v_t) and the OPTQ refit, lazily in blocks
-        Q[:, 1:] = sweep(V[:, 1:], Ut, quantizer, cols[1:], B)
+        Q[:, 1:], V[:, 1:] = sweep(V[:, 1:], Ut, quantizer, cols[1:], B)
     return Q, V
