@@ -181,16 +181,20 @@ def main(argv: list[str]) -> None:
 
     for name, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    from hydra.errors import HydraException
+
     from qbench.config import ConfigError
 
     algorithms, backends, count_brevitas, overrides = parse(argv)
-    try:
-        base = compose_config(overrides)
-        for backend in backends:  # refuse what a backend cannot run before anything heavy
-            for algorithm in algorithms:
-                compose_config([*overrides, f"algorithm={algorithm}", f"algorithm.backend={backend}"])
+    try:  # refuse what an algorithm or backend cannot run before anything heavy
+        for algorithm in algorithms:
+            for backend in backends:
+                base = compose_config([*overrides, f"algorithm={algorithm}", f"algorithm.backend={backend}"])
     except ConfigError as exc:
         raise SystemExit(f"qbench.benchmark: error: {exc}") from None
+    except HydraException as exc:  # e.g. an override of a field this algorithm's config does not have
+        why = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise SystemExit(f"qbench.benchmark: error: with algorithm={algorithm}: {why}") from None
     device = pick_device(base.device)
     dtype = getattr(torch, base.model.dtype)
     load_start = os.getloadavg()

@@ -43,6 +43,10 @@ def test_bad_arguments_fail_in_one_line():
         benchmark.parse(["algorithms=[optq,nope]"])
     with pytest.raises(SystemExit, match="algorithm.backend=brevitas: .*calibration.stream=dual"):
         benchmark.main([*TINY, "calibration.stream=dual", "backends=[brevitas]"])
+    # an option only some algorithms have names the one that lacks it, in one line
+    with pytest.raises(SystemExit, match=r"^qbench.benchmark: error: with algorithm=rtn: "
+                                         r"Could not override 'algorithm.block_size'[^\n]*$"):
+        benchmark.main([*TINY, "algorithms=[optq,rtn]", "backends=[qbench]", "algorithm.block_size=128"])
 
 
 def test_one_run_times_both_backends_and_writes_the_table(tmp_path):
